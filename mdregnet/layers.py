@@ -383,6 +383,7 @@ def avg_pool_pyramid(image, levels, pool_size=3, strides=2):
     """
     if levels < 1:
         raise ValueError(f"levels must be >= 1, got {levels}")
+    image = tf.convert_to_tensor(image)
     ndims = image.shape.rank - 2
     out = [image]
     for _ in range(levels - 1):
