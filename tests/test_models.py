@@ -29,7 +29,7 @@ def random_pair(shape, batch=1):
 
 
 def test_available_lists_the_seed_methods():
-    for name in ("mdregnet", "voxelmorph"):
+    for name in ("mdregnet", "voxelmorph", "prdfe", "pdfe", "iprdfe"):
         assert name in ALL
 
 
@@ -205,7 +205,7 @@ STEPS = {"mdregnet": 150, "voxelmorph": 150}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", ["mdregnet", "voxelmorph"])  # the others: test_<model>.py
 def test_training_on_real_slices_improves_dice(name, oasis_slices):
     moving, fixed, moving_seg, fixed_seg = oasis_slices
     d = models.get_method(name).divisor
@@ -214,7 +214,7 @@ def test_training_on_real_slices_improves_dice(name, oasis_slices):
     m, f, ms, fs = crop(moving), crop(fixed), crop(moving_seg), crop(fixed_seg)
     model = models.build(name, (h, w))
     losses = fit_pair(model, m, f, STEPS.get(name, 150), lr=1e-3)
-    assert np.mean(losses[-10:]) < losses[0] - 0.05, (losses[0], losses[-10:])
+    assert np.mean(losses[-10:]) < losses[0] - 0.1 * abs(losses[0]), (losses[0], losses[-10:])
     out = model([m, f])
     warped_seg = layers.warp(ms, out["disp"], interp_method="nearest").numpy()
     _, dice_before = metrics.dice(fs[0, ..., 0], ms[0, ..., 0])
@@ -233,6 +233,6 @@ def test_short_3d_training_on_real_volumes(name, oasis_pair_3d):
     m, f = moving[None, ..., None], fixed[None, ..., None]
     model = models.build(name, moving.shape)
     losses = fit_pair(model, m, f, 40, lr=1e-3)
-    assert np.mean(losses[-5:]) < losses[0] - 0.02, (losses[0], losses[-5:])
+    assert np.mean(losses[-5:]) < losses[0] - 0.02 * abs(losses[0]), (losses[0], losses[-5:])
     out = model([m, f])
     assert metrics.folding(out["disp"].numpy()[0])["count"] == 0
