@@ -16,9 +16,8 @@ calling the registered builder (no pickle, no code from the file is executed).
 
 import json
 import os
-import tempfile
 
-import keras
+from mdregnet.io import atomic_write
 
 _REGISTRY = {}
 
@@ -148,19 +147,6 @@ def objective(model_or_name, **hparams):
     return get_method(name).build_objective(hp)
 
 
-def _atomic_write(path, write):
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save(model, directory, extra=None):
     """Saves `config.json` (method, input shape, hyper-parameters) and `model.weights.h5`.
 
@@ -189,14 +175,14 @@ def save(model, directory, extra=None):
             if os.path.exists(h5):
                 os.remove(h5)
 
-    _atomic_write(os.path.join(directory, WEIGHTS_FILE), write_weights)
+    atomic_write(os.path.join(directory, WEIGHTS_FILE), write_weights)
 
     def write_config(tmp):
         with open(tmp, "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
             f.write("\n")
 
-    _atomic_write(os.path.join(directory, CONFIG_FILE), write_config)
+    atomic_write(os.path.join(directory, CONFIG_FILE), write_config)
 
 
 def read_config(directory):
