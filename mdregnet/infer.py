@@ -1,0 +1,564 @@
+"""Register one moving image to one fixed image with a trained model: `python -m mdregnet.infer`.
+
+    python -m mdregnet.infer --moving sub01.nii.gz --fixed template.nii.gz --out reg/ \
+        [--model runs/mdregnet] \
+        [--moving_labels sub01_seg.nii.gz --fixed_labels template_seg.nii.gz]
+
+Data flow (CONVENTIONS.md): both images are read and validated by `mdregnet.io`; intensities
+outside [0, 1] are min-max normalised (robust, `io.normalize_intensity`); a moving image on
+another grid is resampled onto the fixed grid through the two affines (trilinear; its label map
+by nearest neighbour); the model is rebuilt for the fixed grid when that grid's sizes are
+divisible by the model's down-sampling factor, otherwise both images are zero-padded to the next
+multiple and every output is cropped back. The model returns `disp` `(X, Y, Z, 3)` in voxels of
+the fixed grid, `warped(p) = moving(p + disp(p))`, and for diffeomorphic models `inverse_disp`.
+
+Outputs in `--out` (all on the fixed image's grid, with its affine and header):
+    warped.nii.gz            moving image warped onto the fixed image (trilinear)
+    disp.nii.gz              displacement, voxels, `(X, Y, Z, 3)` (component c along array axis c)
+    disp_itk.nii.gz          the same in mm, LPS, `(X, Y, Z, 1, 3)`, intent 1007 (ANTs/ITK)
+    inverse_disp.nii.gz      inverse displacement (diffeomorphic models), voxels
+    inverse_disp_itk.nii.gz  the same for ANTs/ITK
+    jacobian_det.nii.gz      det(I + grad disp) (folding where <= 0)
+    warped_labels.nii.gz     moving label map warped by nearest neighbour (with --moving_labels)
+    summary.json             model, shapes, time of the model call (one call: it includes the
+                             one-time graph tracing and XLA compilation), folding (grid and,
+                             with --fixed_labels, brain mask), SDlogJ, Dice (mean, per label,
+                             before registration), notes on what was done
+    figure.png               fixed / moving / warped slices, deformed grid, Jacobian map
+
+Nothing is written into `--out` until every output exists: they are written into a temporary
+folder beside it and renamed in at the end, so a failure leaves no partial outputs.
+"""
+
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+import tensorflow as tf
+from absl import app, flags
+from scipy import ndimage
+
+from mdregnet import io, layers, metrics, models
+
+#: The model used when --model is not given (shipped inside the package when it exists).
+PRETRAINED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained",
+                              "mdregnet_ixi2mm")
+
+#: Every file `register` may write into the output folder.
+OUTPUT_FILES = ("warped.nii.gz", "disp.nii.gz", "disp_itk.nii.gz", "inverse_disp.nii.gz",
+                "inverse_disp_itk.nii.gz", "jacobian_det.nii.gz", "warped_labels.nii.gz",
+                "summary.json", "figure.png")
+
+FLAGS = flags.FLAGS
+
+
+def define_flags(flag_values=FLAGS):
+    """Defines the command-line flags on `flag_values`.
+
+    Called by `python -m mdregnet.infer` (and by tests on a fresh `flags.FlagValues()`), not on
+    import, so the package's apps can import each other without clashing flag names.
+    """
+    fv = dict(flag_values=flag_values)
+    flags.DEFINE_string("moving", None, "Moving image (NIfTI).", **fv)
+    flags.DEFINE_string("fixed", None, "Fixed image (NIfTI); outputs live on its grid.", **fv)
+    flags.DEFINE_string("model", None, "Model directory written by mdregnet.models.save (default: "
+                        "the pretrained model shipped at mdregnet/pretrained/mdregnet_ixi2mm, if "
+                        "any).", **fv)
+    flags.DEFINE_string("out", None, "Output directory (created).", **fv)
+    flags.DEFINE_string("moving_labels", None, "Optional moving label map: warped, and Dice "
+                        "reported when --fixed_labels is given too.", **fv)
+    flags.DEFINE_string("fixed_labels", None, "Optional fixed label map (Dice, and folding inside "
+                        "its brain mask).", **fv)
+    flags.DEFINE_enum("device", "auto", ["auto", "cpu", "gpu"],
+                      "cpu hides every GPU; gpu fails when none is visible; auto uses what is "
+                      "there.", **fv)
+    flags.DEFINE_boolean("figure", True, "Write figure.png.", **fv)
+
+
+# ------------------------------------------------------------------------------------------------
+# Model: fit to a grid, run
+# ------------------------------------------------------------------------------------------------
+def model_config(model):
+    """`(config, directory)` of a model built by `models.build` or of a saved model directory."""
+    if isinstance(model, (str, os.PathLike)):
+        return models.read_config(os.fspath(model)), os.fspath(model)
+    if not hasattr(model, "mdregnet_config"):
+        raise ValueError("model was not built by mdregnet.models.build (no mdregnet_config)")
+    return model.mdregnet_config, None
+
+
+def fit_model(model, shape):
+    """The model, rebuilt if needed, for images of spatial size `shape`.
+
+    A fully convolutional model takes any size divisible by its down-sampling factor. If `shape`
+    is such a size the model is rebuilt for it (`models.load(dir, input_shape=shape)`, or the same
+    weights copied into a model built for `shape`); otherwise the images must be zero-padded to
+    the next multiple of the factor (returned in `pad`) and the outputs cropped back.
+
+    Args:
+        model: a `keras.Model` from `models.build`/`models.load`, or a saved model directory.
+        shape: spatial size `(X, Y, Z)` of the (fixed) images.
+
+    Returns:
+        `(model, pad, note)`: `pad` a tuple of `(before, after)` per axis (all zeros when no
+        padding is needed); `note` a sentence saying what was done, or None.
+    """
+    config, directory = model_config(model)
+    shape = tuple(int(n) for n in shape)
+    saved = tuple(int(n) for n in config["input_shape"])
+    if len(shape) != len(saved):
+        raise ValueError(f"images of shape {shape} do not fit a {len(saved)}D model "
+                         f"(input shape {saved})")
+    divisor = models.get_method(config["name"]).divisor
+    target = tuple(int(math.ceil(n / divisor)) * divisor for n in shape)
+    pad = tuple(((t - n) // 2, t - n - (t - n) // 2) for n, t in zip(shape, target))
+    note = None
+    if target != shape:
+        note = (f"grid {shape} is not divisible by the model's factor {divisor}: images "
+                f"zero-padded to {target} (before/after per axis {[list(p) for p in pad]}) and "
+                "outputs cropped back")
+    elif shape != saved:
+        note = f"model rebuilt for input shape {shape} (saved with {saved})"
+    if directory is not None:
+        fitted = models.load(directory, input_shape=target)
+    elif target == saved:
+        fitted = model
+    else:
+        fitted = models.build(config["name"], target, **config["hparams"])
+        fitted.set_weights(model.get_weights())
+        if "extra" in config:
+            fitted.mdregnet_config["extra"] = config["extra"]
+    return fitted, pad, note
+
+
+def pad_volume(array, pad, value=0):
+    """Pads the leading `len(pad)` axes of `array` by `pad` ((before, after) per axis)."""
+    if not any(b or a for b, a in pad):
+        return array
+    widths = list(pad) + [(0, 0)] * (array.ndim - len(pad))
+    return np.pad(array, widths, mode="constant", constant_values=value)
+
+
+def crop_volume(array, pad):
+    """Undoes `pad_volume` on the leading `len(pad)` axes."""
+    if not any(b or a for b, a in pad):
+        return array
+    index = tuple(slice(b, array.shape[i] - a) for i, (b, a) in enumerate(pad))
+    return array[index]
+
+
+def predict(model, moving, fixed, pad=None):
+    """Runs `model([moving, fixed])` on one pair and returns numpy outputs on the unpadded grid.
+
+    Args:
+        model: a registration model whose input shape is the padded image shape.
+        moving, fixed: `(X, Y, Z)` float32 in [0, 1], on the same grid.
+        pad: `(before, after)` per axis, from `fit_model`, or None.
+
+    Returns:
+        `(outputs, seconds)`: `outputs` has 'disp' `(X, Y, Z, 3)` voxels, 'warped' `(X, Y, Z)`,
+        and when the model has them 'inverse_disp' and 'warped_fixed'; `seconds` is the time of
+        the model call alone (until the displacement is on the host).
+    """
+    pad = pad or ((0, 0),) * moving.ndim
+    m = pad_volume(np.asarray(moving, np.float32), pad)[None, ..., None]
+    f = pad_volume(np.asarray(fixed, np.float32), pad)[None, ..., None]
+    start = time.perf_counter()
+    out = model([m, f], training=False)
+    disp = np.asarray(out["disp"])
+    seconds = time.perf_counter() - start
+    result = {"disp": crop_volume(disp[0], pad),
+              "warped": crop_volume(np.asarray(out["warped"])[0, ..., 0], pad)}
+    for key in ("inverse_disp", "warped_fixed"):
+        if key in out:
+            value = np.asarray(out[key])[0]
+            result[key] = crop_volume(value[..., 0] if key == "warped_fixed" else value, pad)
+    return result, seconds
+
+
+def warp_labels(labels, disp):
+    """Warps an integer label map `(X, Y, Z)` by `disp` `(X, Y, Z, 3)` (nearest neighbour)."""
+    out = layers.warp(np.asarray(labels, np.int32)[None, ..., None],
+                      np.asarray(disp, np.float32)[None], interp_method="nearest")
+    return np.asarray(out)[0, ..., 0]
+
+
+def jsonable(value):
+    """`value` with numpy scalars/arrays turned into Python ones and NaN/inf into None."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs
+# ------------------------------------------------------------------------------------------------
+def _same_grid(img_a, img_b, atol=1e-3):
+    """Same shape and affine to `atol` mm (the tolerance of `io.check_same_grid`)."""
+    return (tuple(img_a.shape[:3]) == tuple(img_b.shape[:3])
+            and np.allclose(img_a.affine, img_b.affine, rtol=0.0, atol=atol))
+
+
+def resample_to_grid(array, source_affine, target_affine, target_shape, order=1):
+    """Resamples `array` (on `source_affine`) onto the grid `(target_affine, target_shape)`.
+
+    A target voxel `p` takes the source value at `inv(A_source) @ A_target @ p` (world space is
+    shared), trilinear (`order=1`) or nearest neighbour (`order=0`, label maps), 0 outside.
+    """
+    vox2vox = np.linalg.inv(np.asarray(source_affine, np.float64)) @ np.asarray(target_affine,
+                                                                                np.float64)
+    grid = np.indices(target_shape, dtype=np.float32).reshape(3, -1)
+    coords = vox2vox[:3, :3].astype(np.float32) @ grid + vox2vox[:3, 3:].astype(np.float32)
+    out = ndimage.map_coordinates(array, coords, order=order, mode="grid-constant", cval=0,
+                                  prefilter=False)
+    return out.reshape(target_shape).astype(array.dtype, copy=False)
+
+
+def _to_unit_range(array, what, notes):
+    lo, hi = float(np.min(array)), float(np.max(array))
+    if lo < 0.0 or hi > 1.0:
+        notes.append(f"{what} intensities in [{lo:.4g}, {hi:.4g}] were normalised to [0, 1] "
+                     "(robust min-max, io.normalize_intensity)")
+        return np.asarray(io.normalize_intensity(array), np.float32), True
+    return np.asarray(array, np.float32), False
+
+
+def _load_inputs(moving_path, fixed_path, moving_labels, fixed_labels):
+    """Reads and validates everything before anything is written. Returns a dict."""
+    fixed, fixed_img = io.load_image(fixed_path)
+    moving, moving_img = io.load_image(moving_path)
+    inputs = {"fixed": fixed, "fixed_img": fixed_img, "moving": moving, "moving_img": moving_img,
+              "moving_labels": None, "fixed_labels": None}
+    if moving_labels is not None:
+        labels, labels_img = io.load_labels(moving_labels)
+        io.check_same_grid(moving_img, moving_path, labels_img, moving_labels)
+        inputs["moving_labels"] = labels
+    if fixed_labels is not None:
+        labels, labels_img = io.load_labels(fixed_labels)
+        io.check_same_grid(fixed_img, fixed_path, labels_img, fixed_labels)
+        inputs["fixed_labels"] = labels
+    return inputs
+
+
+# ------------------------------------------------------------------------------------------------
+# Figure
+# ------------------------------------------------------------------------------------------------
+def save_figure(path, fixed, moving, warped, disp, jac, title=""):
+    """Writes the paper's Fig. 5 panels for the central slice along the last axis (PNG, Agg).
+
+    Panels: fixed, moving, warped moving, |warped - fixed|, the deformed grid `p + disp(p)` of
+    the slice (in-plane components), and the Jacobian determinant map (folded voxels in black).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.colors as mcolors
+    import matplotlib.pyplot as plt
+
+    k = fixed.shape[2] // 2
+
+    def sl(volume):
+        return np.asarray(volume)[:, :, k].T  # array axis 0 horizontal, axis 1 vertical
+
+    fig, axes = plt.subplots(2, 3, figsize=(12, 8.5))
+    image_kw = dict(cmap="gray", vmin=0.0, vmax=1.0, origin="lower", interpolation="nearest")
+    for ax, volume, name in ((axes[0, 0], fixed, "fixed"), (axes[0, 1], moving, "moving"),
+                             (axes[0, 2], warped, "warped moving")):
+        ax.imshow(sl(volume), **image_kw)
+        ax.set_title(name)
+    diff = axes[1, 0].imshow(sl(np.abs(np.asarray(warped) - np.asarray(fixed))), cmap="magma",
+                             vmin=0.0, origin="lower", interpolation="nearest")
+    axes[1, 0].set_title("|warped - fixed|")
+    fig.colorbar(diff, ax=axes[1, 0], fraction=0.046, pad=0.04)
+
+    # Deformed grid: the fixed grid's points p mapped to p + u(p) (in-plane components).
+    ax = axes[1, 1]
+    nx, ny = fixed.shape[:2]
+    step = max(2, int(round(max(nx, ny) / 32)))
+    ii, jj = np.meshgrid(np.arange(nx), np.arange(ny), indexing="ij")
+    gx = ii + disp[:, :, k, 0]
+    gy = jj + disp[:, :, k, 1]
+    ax.imshow(sl(warped), cmap="gray", vmin=0.0, vmax=1.0, origin="lower", alpha=0.35,
+              interpolation="nearest")
+    for i in range(0, nx, step):
+        ax.plot(gx[i, :], gy[i, :], color="tab:red", linewidth=0.6)
+    for j in range(0, ny, step):
+        ax.plot(gx[:, j], gy[:, j], color="tab:red", linewidth=0.6)
+    ax.set_xlim(-0.5, nx - 0.5)
+    ax.set_ylim(-0.5, ny - 0.5)
+    ax.set_aspect("equal")
+    ax.set_title("deformed grid p + u(p)")
+
+    ax = axes[1, 2]
+    jac_slice = sl(jac)
+    vmax = max(2.0, float(np.max(jac_slice)))
+    vmin = min(0.0, float(np.min(jac_slice)))
+    norm = mcolors.TwoSlopeNorm(vcenter=1.0, vmin=vmin, vmax=vmax)
+    shown = ax.imshow(jac_slice, cmap="RdBu_r", norm=norm, origin="lower",
+                      interpolation="nearest")
+    folded = np.ma.masked_where(jac_slice > 0, np.ones_like(jac_slice))
+    ax.imshow(folded, cmap=mcolors.ListedColormap(["black"]), origin="lower",
+              interpolation="nearest")
+    n_folded = int(np.sum(jac <= 0))
+    ax.set_title(f"Jacobian determinant ({n_folded} folded voxels)")
+    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
+
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"{title}  (slice {k} of axis 2)".strip())
+    fig.tight_layout()
+
+    def write(tmp):
+        fig.savefig(tmp, format="png", dpi=100)
+
+    try:
+        io.atomic_write(path, write)
+    finally:
+        plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------
+# Registration
+# ------------------------------------------------------------------------------------------------
+def _device_name():
+    return "gpu" if tf.config.list_logical_devices("GPU") else "cpu"
+
+
+def register(model, moving_path, fixed_path, out_dir, moving_labels=None, fixed_labels=None,
+             figure=True):
+    """Registers `moving_path` to `fixed_path` and writes the outputs listed in the module doc.
+
+    Args:
+        model: a model from `mdregnet.models.build`/`load`, or a directory written by
+            `models.save` (then rebuilt directly for the fixed grid).
+        moving_path, fixed_path: NIfTI images. The moving image is resampled onto the fixed grid
+            through the affines when the grids differ (the images must share world space, e.g.
+            after affine pre-alignment with `mdregnet.preprocess`).
+        out_dir: output folder, created if missing; existing outputs of an earlier run are
+            replaced, and those this run does not produce (e.g. `warped_labels.nii.gz`) removed.
+        moving_labels, fixed_labels: optional label-map paths on the grid of their image.
+        figure: write `figure.png`.
+
+    Returns:
+        The summary dict also written to `summary.json`.
+
+    Raises:
+        io.InvalidInputError: an input file is unreadable or invalid (the message names it).
+        FileNotFoundError / ValueError: a bad model directory or a model that cannot take the
+            images. In every case nothing is left in `out_dir`.
+    """
+    started = time.perf_counter()
+    source_config, source_dir = model_config(model)
+    inputs = _load_inputs(moving_path, fixed_path, moving_labels, fixed_labels)
+    fixed_img, moving_img = inputs["fixed_img"], inputs["moving_img"]
+    shape = tuple(int(n) for n in inputs["fixed"].shape)
+    notes = []
+
+    fixed, fixed_normalised = _to_unit_range(inputs["fixed"], "fixed", notes)
+    moving, moving_normalised = _to_unit_range(inputs["moving"], "moving", notes)
+    moving_lab = inputs["moving_labels"]
+    resampled = not _same_grid(moving_img, fixed_img)
+    if resampled:
+        moving = resample_to_grid(moving, moving_img.affine, fixed_img.affine, shape, order=1)
+        if moving_lab is not None:
+            moving_lab = resample_to_grid(moving_lab, moving_img.affine, fixed_img.affine, shape,
+                                          order=0)
+        notes.append(f"moving image (shape {tuple(moving_img.shape[:3])}) resampled onto the "
+                     f"fixed grid {shape} through the affines (trilinear"
+                     + ("; labels nearest neighbour)" if moving_lab is not None else ")"))
+
+    fitted, pad, fit_note = fit_model(model, shape)
+    if fit_note:
+        notes.append(fit_note)
+    config = fitted.mdregnet_config
+    outputs, seconds = predict(fitted, moving, fixed, pad)
+    disp = outputs["disp"]
+    jac = metrics.jacobian_determinant(disp).astype(np.float32)
+
+    fixed_lab = inputs["fixed_labels"]
+    brain = None if fixed_lab is None or not np.any(fixed_lab > 0) else fixed_lab > 0
+    fold = metrics.folding(disp, mask=brain)
+    summary = {
+        "model": {"name": config["name"], "directory": source_dir,
+                  "saved_input_shape": source_config["input_shape"],
+                  "input_shape": config["input_shape"], "hparams": config["hparams"]},
+        "moving": os.fspath(moving_path), "fixed": os.fspath(fixed_path),
+        "moving_labels": None if moving_labels is None else os.fspath(moving_labels),
+        "fixed_labels": None if fixed_labels is None else os.fspath(fixed_labels),
+        "shape": list(shape), "moving_shape": [int(n) for n in moving_img.shape[:3]],
+        "voxel_size_mm": [float(z) for z in fixed_img.header.get_zooms()[:3]],
+        "device": _device_name(),
+        "time_s": seconds,
+        "folding": fold,
+        "sdlogj": metrics.sd_log_jacobian(disp),
+        "sdlogj_in_mask": None if brain is None else metrics.sd_log_jacobian(disp, mask=brain),
+        "jacobian": {"min": float(jac.min()), "max": float(jac.max())},
+        "max_displacement_vox": float(np.sqrt(np.sum(disp ** 2, axis=-1)).max()),
+        "resampled": resampled,
+        "normalised": {"moving": moving_normalised, "fixed": fixed_normalised},
+        "padding": None if not any(b or a for b, a in pad) else [list(p) for p in pad],
+        "notes": notes,
+        "dice": None,
+    }
+    if "inverse_disp" in outputs:
+        summary["inverse"] = {"folding": metrics.folding(outputs["inverse_disp"]),
+                              "sdlogj": metrics.sd_log_jacobian(outputs["inverse_disp"])}
+
+    warped_lab = None
+    if moving_lab is not None:
+        warped_lab = warp_labels(moving_lab, disp)
+        if fixed_lab is not None:
+            per_label, mean = metrics.dice(fixed_lab, warped_lab)
+            _, mean_before = metrics.dice(fixed_lab, moving_lab)
+            summary["dice"] = {"mean": mean, "per_label": per_label, "before": mean_before}
+
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    final = {name: os.path.join(out_dir, name) for name in OUTPUT_FILES}
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    written = []
+    try:
+        def stage(name):
+            written.append(name)
+            return os.path.join(staging, name)
+
+        affine, header = fixed_img.affine, fixed_img.header
+        io.save_volume(stage("warped.nii.gz"), outputs["warped"], affine, header,
+                       dtype=np.float32)
+        io.save_volume(stage("disp.nii.gz"), disp, affine, header, dtype=np.float32)
+        io.save_displacement_itk(stage("disp_itk.nii.gz"), disp, affine, header)
+        if "inverse_disp" in outputs:
+            io.save_volume(stage("inverse_disp.nii.gz"), outputs["inverse_disp"], affine, header,
+                           dtype=np.float32)
+            io.save_displacement_itk(stage("inverse_disp_itk.nii.gz"), outputs["inverse_disp"],
+                                     affine, header)
+        io.save_volume(stage("jacobian_det.nii.gz"), jac, affine, header, dtype=np.float32)
+        if warped_lab is not None:
+            io.save_volume(stage("warped_labels.nii.gz"), warped_lab, affine, header,
+                           dtype=np.int32)
+        if figure:
+            save_figure(stage("figure.png"), fixed, moving, outputs["warped"], disp, jac,
+                        title=f"{config['name']}: {os.path.basename(os.fspath(moving_path))} -> "
+                              f"{os.path.basename(os.fspath(fixed_path))}")
+        summary["outputs"] = {name: final[name] for name in written + ["summary.json"]}
+        summary["total_time_s"] = time.perf_counter() - started
+        summary = jsonable(summary)
+        text = json.dumps(summary, indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+        def write_json(tmp):
+            with open(tmp, "w") as f:
+                f.write(text)
+
+        io.atomic_write(stage("summary.json"), write_json)
+        _publish(staging, out_dir, written)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return summary
+
+
+def _publish(staging, out_dir, names):
+    """Moves `names` from `staging` into `out_dir` (created); all or, on failure, none of them.
+
+    Outputs of an earlier run that this run does not produce are removed, so the folder never
+    mixes two registrations.
+    """
+    created = not os.path.isdir(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    moved = []
+    try:
+        for name in names:
+            os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+            moved.append(name)
+    except BaseException:
+        for name in moved:
+            try:
+                os.remove(os.path.join(out_dir, name))
+            except OSError:
+                pass
+        if created:
+            try:
+                os.rmdir(out_dir)
+            except OSError:
+                pass
+        raise
+    for name in set(OUTPUT_FILES) - set(names):
+        stale = os.path.join(out_dir, name)
+        if os.path.isfile(stale):
+            os.remove(stale)
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+def set_device(device):
+    """Applies --device before any tensor is made: 'cpu' hides every GPU, 'gpu' requires one."""
+    if device == "cpu":
+        tf.config.set_visible_devices([], "GPU")
+    elif device == "gpu" and not tf.config.list_physical_devices("GPU"):
+        raise app.UsageError("--device=gpu but TensorFlow sees no GPU (install mdregnet[gpu])")
+
+
+def default_model_dir():
+    """The pretrained model shipped in the package, or a UsageError telling to pass --model."""
+    if os.path.isfile(os.path.join(PRETRAINED_DIR, "config.json")):
+        return PRETRAINED_DIR
+    raise app.UsageError(f"no --model given and no pretrained model is shipped at "
+                         f"{PRETRAINED_DIR}; pass --model DIR, a directory written by "
+                         "mdregnet.models.save (e.g. by python -m mdregnet.train)")
+
+
+def run_from_flags(fv=FLAGS):
+    """The command line's work, reading parsed flags `fv`; returns the summary."""
+    for name in ("moving", "fixed", "out"):
+        if not fv[name].value:
+            raise app.UsageError(f"--{name} is required")
+    if bool(fv.moving_labels) != bool(fv.fixed_labels):
+        print("note: Dice needs both --moving_labels and --fixed_labels; "
+              + ("warping the moving labels only" if fv.moving_labels else
+                 "the fixed labels give the brain mask for folding only"))
+    set_device(fv.device)
+    model_dir = fv.model or default_model_dir()
+    summary = register(model_dir, fv.moving, fv.fixed, fv.out, moving_labels=fv.moving_labels,
+                       fixed_labels=fv.fixed_labels, figure=fv.figure)
+    for note in summary["notes"]:
+        print(f"note: {note}")
+    fold = summary["folding"]
+    print(f"registered {summary['moving']} -> {summary['fixed']} with {summary['model']['name']} "
+          f"in {summary['time_s']:.2f} s; folding {fold['count']} voxels "
+          f"({fold['percent']:.4f}%), SDlogJ {summary['sdlogj']:.4f}")
+    if summary["dice"] is not None:
+        print(f"Dice mean {summary['dice']['mean']:.4f} (before registration "
+              f"{summary['dice']['before']:.4f})")
+    print(f"outputs in {os.path.abspath(fv.out)}:")
+    for name in sorted(summary["outputs"]):
+        print(f"  {summary['outputs'][name]}")
+    return summary
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        run_from_flags(FLAGS)
+    except (OSError, ValueError) as err:  # io.InvalidInputError is a ValueError
+        sys.exit(f"mdregnet.infer: error: {err}")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
