@@ -620,8 +620,8 @@ class AvgPoolPyramid(keras.layers.Layer):
 
     Returns:
         list of `levels` tensors ordered FINE TO COARSE: index 0 is the input, index k has spatial
-        size `ceil(n / strides**k)` ('SAME' padding, padded voxels not averaged). The same order is
-        used everywhere in mdregnet (models return their multi-level outputs fine to coarse too).
+        size `ceil(n / strides**k)` ('SAME' padding, padded voxels not averaged). Models name
+        their level outputs with their own paper's level index (see each model's docstring).
         Note: with an odd window and stride 2, coarse voxel `i` is centred on fine voxel `2i + 1`,
         half a fine voxel from the `2i + 0.5` of `RescaleTransform`; the paper fixes the pooling,
         and the offset (a quarter of a coarse voxel) is common to fixed and moving images.

@@ -29,7 +29,7 @@ def random_pair(shape, batch=1):
 
 
 def test_available_lists_the_seed_methods():
-    for name in ("mdregnet", "voxelmorph", "prdfe", "pdfe", "iprdfe"):
+    for name in ("mdregnet", "voxelmorph", "prdfe", "pdfe", "iprdfe", "fcn_ds"):
         assert name in ALL
 
 
