@@ -1,0 +1,881 @@
+"""Training of a registration model on image pairs, `python -m mdregnet.train`.
+
+    python -m mdregnet.train --model mdregnet --data_dir work_data/ixi_2mm \
+        --train_subjects train.txt --val_subjects val.txt --steps 150000 --workdir runs/mdregnet
+
+Protocol (MDReg-Net, "Network Training"): every ordered pair of training images, identical pairs
+included (n^2 pairs), is drawn at random, batch 1, Adam with learning rate 1e-4, 150,000 steps; the
+objective is the method's own (`models.objective`: for MDReg-Net the bidirectional local NCC at
+every level plus lambda times the gradient of each level's velocity, lambda = 0.35).
+
+`data_dir` is a preprocessed dataset: `images/<id>.nii.gz` and optionally `labels/<id>.nii.gz`, all
+on one grid, intensities in [0, 1] (`mdregnet.preprocess`). The grid's sizes must be divisible by
+the model's total down-sampling factor (16 for MDReg-Net), or `--input_shape` centre-crops/pads.
+
+Outputs in `--workdir` (each file written atomically):
+    ckpt/         `tf.train.Checkpoint` (model, optimizer, step), the last 3 kept, written every
+                  `--checkpoint_every` steps, at the end and on SIGINT/SIGTERM; `config.json` (the
+                  model's config and every setting of the run) next to them
+    logs/train/, logs/validation/   TensorBoard: loss and each term of the objective, learning rate,
+                  steps/s; validation loss, mean Dice of the warped labels, folding %, image slices
+    model/        the final model (`models.save`, loadable by `models.load`), with the validation
+                  numbers under 'extra'
+
+Rerunning the same command resumes from the latest checkpoint at the saved step, with the same
+optimizer state and the data order continuing where it stopped (the pair stream is deterministic
+for a seed and the first `step` batches are skipped), so an interrupted and resumed run ends with
+the same weights as an uninterrupted one (bit for bit with `--deterministic`). A run refuses to
+resume from checkpoints of another model or other hyper-parameters.
+
+Distribution (`--strategy`): everything that creates variables is built under `strategy.scope()`;
+the train step runs on each replica with `strategy.run`, each replica's loss divided by the number
+of replicas so the summed gradients are those of the global batch mean (`--batch_size` is the
+GLOBAL batch). Mixed precision (`--mixed_precision`, automatic on a GPU) uses Keras' 'mixed_float16'
+policy and a `LossScaleOptimizer`; the objective is computed in float32.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+
+import numpy as np
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+
+STRATEGIES = ("default", "one_device", "mirrored", "multi_worker")
+MIXED_PRECISION = ("auto", "on", "off")
+CONFIG_FILE = "config.json"
+CONFIG_FORMAT = "mdregnet-train-1"
+#: Settings that may change between a run and its resumption without a note.
+_RESUMABLE_CHANGES = ("steps", "checkpoint_every", "val_every", "log_every", "log_dir",
+                      "workdir", "strategy", "mixed_precision", "deterministic")
+
+
+def define_flags(flag_values=FLAGS):
+    """Defines the command-line flags (all of them, here) on `flag_values`.
+
+    Called by `python -m mdregnet.train` (and by tests on a fresh `flags.FlagValues()`), not on
+    import, so the package's apps can import each other without clashing flag names.
+    """
+    fv = dict(flag_values=flag_values)
+    # Model and objective
+    flags.DEFINE_string("model", "mdregnet", "Registered model name (mdregnet.models.available()).",
+                        **fv)
+    flags.DEFINE_string("hparams", None, "JSON dict of hyper-parameter overrides, e.g. "
+                        "'{\"smoothing\": \"none\", \"lam\": 0.5}'.", **fv)
+    flags.DEFINE_float("lam", None, "Shortcut: overrides the model's regularisation weight `lam` "
+                       "(MDReg-Net: 0.35, the paper's choice).", **fv)
+    # Data
+    flags.DEFINE_string("data_dir", None, "Preprocessed dataset: images/<id>.nii.gz and "
+                        "optionally labels/<id>.nii.gz, one grid, intensities in [0, 1].", **fv)
+    flags.DEFINE_string("train_subjects", None, "File of training subject ids, one per line "
+                        "('#' comments); default every subject in data_dir.", **fv)
+    flags.DEFINE_string("val_subjects", None, "File of validation subject ids; default: no "
+                        "validation.", **fv)
+    flags.DEFINE_list("input_shape", None, "Spatial size X,Y,Z the volumes are centre-cropped or "
+                      "zero-padded to; default the data's own, which must then be divisible by "
+                      "the model's factor (16 for mdregnet).", **fv)
+    # Optimisation
+    flags.DEFINE_integer("steps", 150000, "Total number of training steps (paper: 150,000).", **fv)
+    flags.DEFINE_integer("batch_size", 1, "GLOBAL batch size, split over the replicas (paper: 1).",
+                         **fv)
+    flags.DEFINE_float("lr", 1e-4, "Adam learning rate (paper: 1e-4).", **fv)
+    flags.DEFINE_integer("seed", 0, "Seed of the weights' initialisation and the pair order.", **fv)
+    flags.DEFINE_boolean("deterministic", False, "Enable TensorFlow's op determinism (bitwise "
+                         "reproducible runs and resumptions, somewhat slower on GPUs).", **fv)
+    # Outputs and schedule
+    flags.DEFINE_string("workdir", None, "Run directory: ckpt/, logs/, model/.", **fv)
+    if "log_dir" not in flag_values:  # absl.logging defines it (for its log files): share it
+        flags.DEFINE_string("log_dir", None, "TensorBoard directory; default workdir/logs.", **fv)
+    flags.DEFINE_integer("checkpoint_every", 1000, "Steps between checkpoints.", **fv)
+    flags.DEFINE_integer("val_every", 5000, "Steps between validations (also at the start and "
+                         "the end).", **fv)
+    flags.DEFINE_integer("val_pairs", 20, "Number of validation pairs (fixed, seeded).", **fv)
+    flags.DEFINE_integer("log_every", 100, "Steps between progress lines and train summaries "
+                         "(the loss shown is the mean over those steps).", **fv)
+    # Hardware
+    flags.DEFINE_enum("strategy", "default", list(STRATEGIES), "tf.distribute strategy: default "
+                      "(one device), one_device, mirrored (all local GPUs, else all logical CPUs), "
+                      "multi_worker (MultiWorkerMirroredStrategy, cluster from TF_CONFIG).", **fv)
+    flags.DEFINE_enum("mixed_precision", "auto", list(MIXED_PRECISION), "'mixed_float16' with a "
+                      "LossScaleOptimizer; auto = on when a GPU is visible.", **fv)
+
+
+# ------------------------------------------------------------------------------------------------
+# Configuration
+# ------------------------------------------------------------------------------------------------
+class ConfigError(ValueError):
+    """A setting of the run is wrong or contradicts the run being resumed (one clear line)."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every setting of a training run (the flags of `python -m mdregnet.train`, same names).
+
+    `train_subjects`/`val_subjects` are a path to a file of ids or a list of ids; `input_shape` is
+    `(X, Y, Z)` or None; `hparams` a dict of overrides of the model's defaults.
+    """
+
+    model: str = "mdregnet"
+    hparams: dict = dataclasses.field(default_factory=dict)
+    lam: float = None
+    data_dir: str = None
+    train_subjects: object = None
+    val_subjects: object = None
+    input_shape: tuple = None
+    steps: int = 150000
+    batch_size: int = 1
+    lr: float = 1e-4
+    seed: int = 0
+    deterministic: bool = False
+    workdir: str = None
+    log_dir: str = None
+    checkpoint_every: int = 1000
+    val_every: int = 5000
+    val_pairs: int = 20
+    log_every: int = 100
+    strategy: str = "default"
+    mixed_precision: str = "auto"
+
+    def to_json(self):
+        """The settings as plain JSON data."""
+        out = dataclasses.asdict(self)
+        if out["input_shape"] is not None:
+            out["input_shape"] = [int(n) for n in out["input_shape"]]
+        for key in ("train_subjects", "val_subjects"):
+            if isinstance(out[key], (list, tuple)):
+                out[key] = [str(s) for s in out[key]]
+        return out
+
+
+def as_config(config):
+    """A `TrainConfig` from a `TrainConfig` or a dict of its fields (unknown keys: ConfigError)."""
+    if isinstance(config, TrainConfig):
+        return dataclasses.replace(config)
+    if not isinstance(config, dict):
+        raise TypeError(f"config must be a TrainConfig or a dict, got {type(config).__name__}")
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(config) - names)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {unknown}; valid: {sorted(names)}")
+    return TrainConfig(**config)
+
+
+def parse_hparams(text):
+    """`--hparams` JSON text to a dict (None or empty: {})."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--hparams is not valid JSON ({err}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"--hparams must be a JSON object (dict), got {text!r}")
+    return value
+
+
+def config_from_flags(fv=FLAGS):
+    """The `TrainConfig` of parsed flags `fv`."""
+    shape = None
+    if fv.input_shape:
+        try:
+            shape = tuple(int(n) for n in fv.input_shape)
+        except ValueError:
+            raise ConfigError(f"--input_shape must be integers X,Y,Z, got {fv.input_shape}") \
+                from None
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    values = {name: fv[name].value for name in names}
+    values["hparams"] = parse_hparams(fv.hparams)
+    values["input_shape"] = shape
+    values["log_dir"] = values["log_dir"] or None  # absl's own --log_dir defaults to ''
+    return TrainConfig(**values)
+
+
+def _validate(cfg):
+    """Checks the settings that need no data; returns the resolved model hyper-parameters."""
+    from mdregnet import models
+
+    if cfg.strategy not in STRATEGIES:
+        raise ConfigError(f"strategy must be one of {STRATEGIES}, got {cfg.strategy!r}")
+    if cfg.mixed_precision not in MIXED_PRECISION:
+        raise ConfigError(f"mixed_precision must be one of {MIXED_PRECISION}, got "
+                          f"{cfg.mixed_precision!r}")
+    for name in ("steps", "batch_size", "checkpoint_every", "val_every", "val_pairs",
+                 "log_every"):
+        value = getattr(cfg, name)
+        if not isinstance(value, (int, np.integer)) or value < (0 if name == "val_pairs" else 1):
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    if not cfg.lr > 0:
+        raise ConfigError(f"lr must be positive, got {cfg.lr!r}")
+    if not cfg.data_dir:
+        raise ConfigError("data_dir is required")
+    if not cfg.workdir:
+        raise ConfigError("workdir is required")
+    if not isinstance(cfg.hparams, dict):
+        raise ConfigError(f"hparams must be a dict, got {cfg.hparams!r}")
+    overrides = dict(cfg.hparams)
+    if cfg.lam is not None:
+        overrides["lam"] = float(cfg.lam)
+    try:
+        return models.registry.resolve_hparams(cfg.model, **overrides)
+    except ValueError as err:  # unknown model (lists the names) or unknown hyper-parameter
+        raise ConfigError(str(err)) from None
+
+
+# ------------------------------------------------------------------------------------------------
+# Hardware
+# ------------------------------------------------------------------------------------------------
+def get_strategy(name="default"):
+    """The `tf.distribute.Strategy` called `name`.
+
+    Args:
+        name: 'default' (the default strategy: one device, no distribution), 'one_device' (the
+            first GPU, else the CPU), 'mirrored' (`MirroredStrategy` over every local GPU, or over
+            every logical CPU device when there is no GPU, e.g. after
+            `tf.config.set_logical_device_configuration`), 'multi_worker'
+            (`MultiWorkerMirroredStrategy`, the cluster read from the TF_CONFIG environment
+            variable; a single worker without it).
+
+    Returns:
+        The strategy; create it before any other TensorFlow op for 'multi_worker'.
+    """
+    import tensorflow as tf
+
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "one_device":
+        gpus = tf.config.list_logical_devices("GPU")
+        return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+    if name == "mirrored":
+        if tf.config.list_logical_devices("GPU"):
+            return tf.distribute.MirroredStrategy()
+        cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
+        return tf.distribute.MirroredStrategy(devices=cpus)
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise ConfigError(f"unknown strategy {name!r}; choose one of {STRATEGIES}")
+
+
+def use_mixed_precision(mode):
+    """Whether to train in mixed precision: 'on', 'off', or 'auto' (on when a GPU is visible)."""
+    import tensorflow as tf
+
+    if mode == "auto":
+        return bool(tf.config.list_physical_devices("GPU"))
+    return mode == "on"
+
+
+def _worker(strategy):
+    """`(is_chief, task_id)` of this process (always chief unless multi-worker)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not getattr(resolver, "task_type", None):
+        return True, 0
+    task_type, task_id = resolver.task_type, resolver.task_id or 0
+    chief = task_type == "chief" or (task_type == "worker" and task_id == 0
+                                     and "chief" not in resolver.cluster_spec().as_dict())
+    return chief, int(task_id)
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------------
+def allowed_sizes(n, divisor):
+    """The sizes next to `n` that are multiples of `divisor` (below and above; `n` if it is one)."""
+    if n % divisor == 0:
+        return [n]
+    below = (n // divisor) * divisor
+    return [s for s in (below, below + divisor) if s > 0]
+
+
+def check_shape(shape, model, divisor, where):
+    """Raises ConfigError unless every size of `shape` is divisible by `divisor`, saying which
+    sizes are allowed on each bad axis."""
+    bad = [(axis, n) for axis, n in enumerate(shape) if n % divisor]
+    if not bad:
+        return
+    nearest = tuple(allowed_sizes(n, divisor)[-1] for n in shape)
+    hints = "; ".join(f"axis {axis}: {n} -> {' or '.join(map(str, allowed_sizes(n, divisor)))}"
+                      for axis, n in bad)
+    raise ConfigError(
+        f"{where}: shape {'x'.join(map(str, shape))} cannot be used by model {model!r}, which "
+        f"needs every size divisible by {divisor} ({hints}); pass --input_shape "
+        f"{','.join(map(str, nearest))} to centre-crop/zero-pad, or preprocess to such a shape "
+        "(python -m mdregnet.preprocess --shape)")
+
+
+def fit_to_shape(volumes, shape):
+    """Centre-crops and/or zero-pads the spatial axes of a stack of volumes.
+
+    Args:
+        volumes: `(N, X, Y, Z)` array (images or label maps).
+        shape: target `(X', Y', Z')`.
+
+    Returns:
+        `(array, note)`: the `(N, X', Y', Z')` array, same dtype (padding is 0: image black and
+        label background), and a text saying what was done per axis ('' if nothing).
+    """
+    out = volumes
+    notes = []
+    for axis, target in enumerate(shape):
+        n = out.shape[axis + 1]
+        if n > target:
+            start = (n - target) // 2
+            out = np.take(out, np.arange(start, start + target), axis=axis + 1)
+            notes.append(f"axis {axis} cropped {n}->{target}")
+        elif n < target:
+            before = (target - n) // 2
+            pad = [(0, 0)] * out.ndim
+            pad[axis + 1] = (before, target - n - before)
+            out = np.pad(out, pad)
+            notes.append(f"axis {axis} padded {n}->{target}")
+    return out, ", ".join(notes)
+
+
+def _load_split(data_dir, subjects, with_labels):
+    """`(ids, images (N, X, Y, Z) float32, labels (N, X, Y, Z) int32 or None)` of a subset."""
+    from mdregnet import data
+
+    label_dir = os.path.join(data_dir, "labels")
+    with_labels = with_labels and os.path.isdir(label_dir)
+    found = data.find_subjects(os.path.join(data_dir, "images"),
+                               label_dir if with_labels else None,
+                               subjects=list(subjects) if isinstance(subjects, tuple) else subjects)
+    images, labels, _ = data.load_cohort(found, with_labels=with_labels)
+    return [s.id for s in found], images, labels
+
+
+def validation_pairs(n, n_pairs, seed=0):
+    """A fixed, seeded choice of `n_pairs` ordered pairs of distinct subjects.
+
+    Returns:
+        `(n_pairs', 2)` int array of (moving, fixed) indices, `n_pairs' = min(n_pairs, n(n-1))`.
+    """
+    from mdregnet import data
+
+    pairs = np.asarray(data.all_pairs(n, include_identical=False)).reshape(-1, 2)
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    return pairs[order[:n_pairs]]
+
+
+# ------------------------------------------------------------------------------------------------
+# Run config next to the checkpoints
+# ------------------------------------------------------------------------------------------------
+def _read_run_config(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read the run config ({err})") from None
+    if not isinstance(saved, dict) or saved.get("format") != CONFIG_FORMAT:
+        raise ConfigError(f"{path}: not an mdregnet training config (format {CONFIG_FORMAT!r})")
+    return saved
+
+
+def _check_resumable(path, saved, name, hparams, settings):
+    """Refuses to resume checkpoints of another model or other hyper-parameters."""
+    old = saved.get("model", {})
+    if old.get("name") != name:
+        raise ConfigError(f"{path}: the checkpoints next to it were trained with model "
+                          f"{old.get('name')!r}, this run asks for {name!r}; use another "
+                          "--workdir or the same --model")
+    old_hp = old.get("hparams", {})
+    keys = sorted(set(old_hp) | set(hparams))
+    diff = [f"{k}: saved {old_hp.get(k)!r}, now {hparams.get(k)!r}" for k in keys
+            if _jsonable(old_hp.get(k)) != _jsonable(hparams.get(k))]
+    if diff:
+        raise ConfigError(f"{path}: the checkpoints next to it were trained with other "
+                          f"hyper-parameters of {name!r} ({'; '.join(diff)}); use another "
+                          "--workdir or the same --hparams/--lam")
+    old_settings = saved.get("train", {})
+    changed = [k for k in sorted(settings) if k not in _RESUMABLE_CHANGES
+               and k in old_settings and old_settings[k] != settings[k]]
+    if changed:
+        print(f"note: resuming with changed settings {changed} (the pair order may differ from "
+              "an uninterrupted run)", flush=True)
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value))
+
+
+def _write_json(path, value):
+    from mdregnet import io
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(value, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    io.atomic_write(path, write)
+
+
+# ------------------------------------------------------------------------------------------------
+# Signals
+# ------------------------------------------------------------------------------------------------
+class _StopFlag:
+    """SIGINT/SIGTERM handlers that only set a flag (the loop checkpoints and stops).
+
+    A second signal while stopping raises KeyboardInterrupt (to leave a stuck save). Handlers can
+    only be installed from the main thread; elsewhere none are installed.
+    """
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def _handler(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name} while stopping")
+        self.signum = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+    @property
+    def name(self):
+        return None if self.signum is None else signal.Signals(self.signum).name
+
+
+# ------------------------------------------------------------------------------------------------
+# Steps
+# ------------------------------------------------------------------------------------------------
+def _as_float32(outputs):
+    import tensorflow as tf
+
+    return {k: tf.cast(v, tf.float32) for k, v in outputs.items()}
+
+
+def make_train_step(model, loss_fn, optimizer, strategy, loss_scaling=False):
+    """The distributed train step, a `tf.function` of one distributed batch.
+
+    Each replica computes the objective on its share `(B/R, X, Y, Z, 1)` of the global batch
+    (float32, the model's outputs cast to float32), divides it by the number of replicas R (the
+    optimizer all-reduces gradients by summation, so their sum is the gradient of the global batch
+    mean), scales it for the `LossScaleOptimizer` when `loss_scaling`, and applies the gradients.
+
+    Returns:
+        `step(batch) -> (total, terms)`, both reduced to the global batch mean (float32 scalars;
+        `terms` the objective's dict).
+    """
+    import tensorflow as tf
+
+    replicas = strategy.num_replicas_in_sync
+
+    def replica_step(moving, fixed):
+        with tf.GradientTape() as tape:
+            outputs = _as_float32(model([moving, fixed], training=True))
+            total, terms = loss_fn(moving, fixed, outputs)
+            loss = tf.cast(total, tf.float32) / replicas
+            if loss_scaling:
+                loss = optimizer.scale_loss(loss)
+        variables = model.trainable_variables
+        grads = tape.gradient(loss, variables)
+        optimizer.apply_gradients(zip(grads, variables))
+        return tf.cast(total, tf.float32), {k: tf.cast(v, tf.float32) for k, v in terms.items()}
+
+    def mean(value):
+        return strategy.reduce(tf.distribute.ReduceOp.MEAN, value, axis=None)
+
+    @tf.function
+    def step(batch):
+        moving, fixed = batch
+        total, terms = strategy.run(replica_step, args=(moving, fixed))
+        return mean(total), {k: mean(v) for k, v in terms.items()}
+
+    return step
+
+
+def make_predict(model, loss_fn):
+    """`predict(moving, fixed) -> (outputs, total)`: a `tf.function` forward pass with the loss.
+
+    Inputs `(1, X, Y, Z, 1)` float32; `outputs` keeps 'warped' and 'disp' (float32, disp in
+    voxels), `total` the objective (float32 scalar).
+    """
+    import tensorflow as tf
+
+    @tf.function
+    def predict(moving, fixed):
+        outputs = _as_float32(model([moving, fixed], training=False))
+        total, _ = loss_fn(moving, fixed, outputs)
+        return {"warped": outputs["warped"], "disp": outputs["disp"]}, tf.cast(total, tf.float32)
+
+    return predict
+
+
+def validate(predict, images, labels, pairs):
+    """Registers the validation pairs and measures the result.
+
+    Args:
+        predict: from `make_predict`.
+        images: `(N, X, Y, Z)` float32 in [0, 1]; labels: `(N, X, Y, Z)` int32 or None.
+        pairs: `(P, 2)` (moving, fixed) indices.
+
+    Returns:
+        `(metrics, slices)`: metrics dict with 'loss' (mean objective), 'pairs' (P), and with
+        labels 'dice_mean' (mean over pairs of the mean Dice over the fixed map's labels, the
+        moving labels warped by nearest neighbour), 'dice_before' (the same without
+        registration); always 'folding_percent' and 'folding_count' (mean over pairs of the
+        voxels with det(I + grad u) <= 0, % of the grid and count). `slices` are central axial
+        (Z) slices `(X, Y)` of fixed, moving and warped of the first pair, for image summaries.
+    """
+    import tensorflow as tf
+
+    from mdregnet import layers, metrics
+
+    losses, dices, before, fold_pct, fold_count = [], [], [], [], []
+    slices = None
+    for moving_i, fixed_i in pairs:
+        moving = tf.constant(images[moving_i][None, ..., None])
+        fixed = tf.constant(images[fixed_i][None, ..., None])
+        outputs, total = predict(moving, fixed)
+        losses.append(float(total))
+        disp = outputs["disp"]
+        fold = metrics.folding(disp.numpy()[0])
+        fold_pct.append(fold["percent"])
+        fold_count.append(fold["count"])
+        if labels is not None:
+            warped_labels = layers.warp(tf.constant(labels[moving_i][None, ..., None]), disp,
+                                        interp_method="nearest")
+            dices.append(metrics.dice(labels[fixed_i], warped_labels.numpy()[0, ..., 0])[1])
+            before.append(metrics.dice(labels[fixed_i], labels[moving_i])[1])
+        if slices is None:
+            z = images.shape[3] // 2
+            slices = {"fixed": images[fixed_i][:, :, z], "moving": images[moving_i][:, :, z],
+                      "warped": outputs["warped"].numpy()[0, :, :, z, 0]}
+    out = {"loss": float(np.mean(losses)), "pairs": int(len(pairs)),
+           "folding_percent": float(np.mean(fold_pct)),
+           "folding_count": float(np.mean(fold_count))}
+    if labels is not None:
+        out["dice_mean"] = float(np.nanmean(dices))
+        out["dice_before"] = float(np.nanmean(before))
+    return out, slices
+
+
+def _summary_metadata(plugin):
+    from tensorflow.core.framework import summary_pb2
+
+    # The TensorBoard plugins' data (ScalarPluginData, ImagePluginData) at version 0 serialise to
+    # empty bytes; written with core TF ops so TensorBoard need not be installed to train.
+    return summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=plugin, content=b""))
+
+
+def summary_scalar(name, value, step):
+    """Writes a TensorBoard scalar to the default writer (as `tf.summary.scalar`, which needs the
+    `tensorboard` package)."""
+    import tensorflow as tf
+
+    tf.summary.write(name, tf.constant(float(value), tf.float32), step=step,
+                     metadata=_summary_metadata("scalars"))
+
+
+def summary_image(name, image, step):
+    """Writes a TensorBoard image (as `tf.summary.image`) of a 2D array `(H, W)` in [0, 1]."""
+    import tensorflow as tf
+
+    pixels = np.round(np.clip(np.asarray(image, np.float32), 0.0, 1.0) * 255).astype(np.uint8)
+    png = tf.io.encode_png(pixels[:, :, None])
+    tensor = tf.stack([tf.as_string(pixels.shape[1]), tf.as_string(pixels.shape[0]), png])
+    tf.summary.write(name, tensor, step=step, metadata=_summary_metadata("images"))
+
+
+def _read(variable):
+    """The value of a (Keras, possibly mirrored) scalar variable as a float."""
+    import tensorflow as tf
+
+    return float(tf.convert_to_tensor(getattr(variable, "value", variable)).numpy())
+
+
+def _format_eta(seconds):
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------
+def train(config, step_callback=None):
+    """Trains a model; resumes from `workdir/ckpt` when checkpoints are there.
+
+    Args:
+        config: a `TrainConfig` or a dict of its fields (the flags' names).
+        step_callback: optional `fn(step)` called after each step on the host (tests use it to
+            send a signal).
+
+    Returns:
+        Summary dict: 'step' (reached), 'steps' (asked), 'interrupted' (bool), 'signal' (name or
+        None), 'resumed_from' (step or None), 'checkpoint' (latest path), 'model_dir' (None when
+        interrupted), 'train_loss' (mean over the last logged window), 'loss_history' (list of
+        [step, mean loss over the window]), 'validation' (last metrics, see `validate`, or None),
+        'val_history' (list of [step, metrics]), 'seconds_per_step' (excluding the first step,
+        which traces), 'replicas', 'strategy', 'mixed_precision', 'input_shape', 'workdir'.
+
+    Raises:
+        ConfigError: a wrong setting, a data shape the model cannot take, or checkpoints of
+            another model/hyper-parameters in `workdir`.
+        mdregnet.io.InvalidInputError / FileNotFoundError: unusable data.
+        FloatingPointError: the loss became NaN/Inf (not in mixed precision, where the loss
+            scale skips such steps).
+    """
+    cfg = as_config(config)
+    hparams = _validate(cfg)
+
+    import keras
+    import tensorflow as tf
+
+    from mdregnet import models
+
+    strategy = get_strategy(cfg.strategy)  # first: MultiWorkerMirroredStrategy needs that
+    replicas = strategy.num_replicas_in_sync
+    if cfg.batch_size % replicas:
+        raise ConfigError(f"batch_size {cfg.batch_size} (global) is not divisible by the "
+                          f"{replicas} replicas of strategy {cfg.strategy!r}")
+    is_chief, task_id = _worker(strategy)
+    mixed = use_mixed_precision(cfg.mixed_precision)
+    divisor = models.get_method(cfg.model).divisor
+
+    # ---- data
+    started = time.perf_counter()
+    train_ids, images, _ = _load_split(cfg.data_dir, cfg.train_subjects, with_labels=False)
+    data_shape = tuple(int(n) for n in images.shape[1:])
+    shape = tuple(int(n) for n in cfg.input_shape) if cfg.input_shape else data_shape
+    if len(shape) != 3:
+        raise ConfigError(f"input_shape must be 3 sizes X,Y,Z, got {cfg.input_shape}")
+    where = "--input_shape" if cfg.input_shape else f"{cfg.data_dir}: the data"
+    check_shape(shape, cfg.model, divisor, where)
+    images, note = fit_to_shape(images, shape)
+    if note:
+        print(f"volumes centre-cropped/zero-padded from {data_shape} to {shape}: {note}")
+    val = None  # validation runs on the chief only (it needs no collective op)
+    if cfg.val_subjects is not None and cfg.val_pairs > 0 and is_chief:
+        val_ids, val_images, val_labels = _load_split(cfg.data_dir, cfg.val_subjects, True)
+        if tuple(val_images.shape[1:]) != data_shape:
+            raise ConfigError(f"{cfg.data_dir}: validation volumes are "
+                              f"{val_images.shape[1:]}, training volumes {data_shape}")
+        if len(val_ids) < 2:
+            raise ConfigError("validation needs at least 2 subjects, got "
+                              f"{len(val_ids)}: {val_ids}")
+        val_images, _ = fit_to_shape(val_images, shape)
+        if val_labels is not None:
+            val_labels, _ = fit_to_shape(val_labels, shape)
+        val = dict(ids=val_ids, images=val_images, labels=val_labels,
+                   pairs=validation_pairs(len(val_ids), cfg.val_pairs, cfg.seed))
+    print(f"data: {len(train_ids)} training subjects"
+          + (f", {len(val['ids'])} validation subjects ({len(val['pairs'])} pairs, "
+             f"{'with' if val['labels'] is not None else 'without'} labels)" if val else "")
+          + f", shape {shape}, loaded in {time.perf_counter() - started:.1f} s", flush=True)
+
+    # ---- run directory and resumption check
+    ckpt_dir = os.path.join(cfg.workdir, "ckpt")
+    log_dir = cfg.log_dir or os.path.join(cfg.workdir, "logs")
+    model_dir = os.path.join(cfg.workdir, "model")
+    config_path = os.path.join(ckpt_dir, CONFIG_FILE)
+    latest = tf.train.latest_checkpoint(ckpt_dir) if os.path.isdir(ckpt_dir) else None
+    settings = cfg.to_json()
+    if latest:
+        if not os.path.isfile(config_path):
+            raise ConfigError(f"{ckpt_dir}: checkpoints without {CONFIG_FILE}; cannot check that "
+                              "they belong to this model; use another --workdir")
+        _check_resumable(config_path, _read_run_config(config_path), cfg.model, hparams,
+                         settings)
+    os.makedirs(ckpt_dir, exist_ok=True)
+    save_dir = ckpt_dir if is_chief else os.path.join(ckpt_dir, f".worker{task_id}")
+
+    # ---- model, optimizer, checkpoint: all under the strategy's scope
+    keras.utils.set_random_seed(cfg.seed)
+    if cfg.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    previous_policy = keras.mixed_precision.global_policy()
+    if mixed:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        with strategy.scope():
+            model = models.build(cfg.model, shape, **hparams)
+            loss_fn = models.objective(model)
+            optimizer = keras.optimizers.Adam(learning_rate=cfg.lr)
+            if mixed:
+                optimizer = keras.mixed_precision.LossScaleOptimizer(optimizer)
+            optimizer.build(model.trainable_variables)  # slots exist before a restore
+            step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+            checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step_var)
+            manager = tf.train.CheckpointManager(checkpoint, save_dir, max_to_keep=3,
+                                                 checkpoint_name="ckpt")
+            resumed_from = None
+            if latest:
+                checkpoint.restore(latest).assert_existing_objects_matched()
+                resumed_from = int(step_var.numpy())
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+    start_step = int(step_var.numpy())
+
+    run_config = {"format": CONFIG_FORMAT, "model": _jsonable(model.mdregnet_config),
+                  "train": settings,
+                  "data": {"shape": list(data_shape), "input_shape": list(shape),
+                           "train_ids": train_ids, "val_ids": val["ids"] if val else []},
+                  "runtime": {"strategy": cfg.strategy, "replicas": replicas,
+                              "mixed_precision": mixed, "tensorflow": tf.__version__,
+                              "keras": keras.__version__}}
+    if is_chief:
+        _write_json(config_path, run_config)
+
+    # ---- pipeline: deterministic pair stream, continued at the saved step
+    from mdregnet import data
+
+    dataset = data.pair_dataset(images, batch_size=cfg.batch_size, seed=cfg.seed, shuffle=True,
+                                repeat=True)
+    if start_step:
+        dataset = dataset.skip(start_step)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    dataset = dataset.with_options(options)
+    batches = iter(strategy.experimental_distribute_dataset(dataset))
+    train_step = make_train_step(model, loss_fn, optimizer, strategy, loss_scaling=mixed)
+    predict = make_predict(model, loss_fn) if val else None
+
+    if is_chief:
+        train_writer = tf.summary.create_file_writer(os.path.join(log_dir, "train"))
+        val_writer = tf.summary.create_file_writer(os.path.join(log_dir, "validation"))
+    else:
+        train_writer = val_writer = tf.summary.create_noop_writer()
+
+    summary = {"steps": cfg.steps, "interrupted": False, "signal": None,
+               "resumed_from": resumed_from, "loss_history": [], "val_history": [],
+               "validation": None, "train_loss": None, "model_dir": None,
+               "replicas": replicas, "strategy": cfg.strategy, "mixed_precision": mixed,
+               "input_shape": list(shape), "workdir": os.path.abspath(cfg.workdir)}
+
+    def save_checkpoint(step):
+        step_var.assign(step)
+        path = manager.save(checkpoint_number=step)
+        return path
+
+    def run_validation(step):
+        metrics_, slices = validate(predict, val["images"], val["labels"], val["pairs"])
+        summary["validation"] = dict(metrics_, step=step)
+        summary["val_history"].append([step, metrics_])
+        with val_writer.as_default():
+            for key in ("loss", "dice_mean", "dice_before", "folding_percent", "folding_count"):
+                if key in metrics_:
+                    summary_scalar(key, metrics_[key], step)
+            for key, image in slices.items():
+                summary_image(f"slice/{key}", image, step)
+        val_writer.flush()
+        text = "  ".join(f"{k} {v:.4g}" for k, v in metrics_.items() if k != "pairs")
+        print(f"validation at step {step} ({metrics_['pairs']} pairs): {text}", flush=True)
+
+    if resumed_from is not None:
+        print(f"resumed from {latest} at step {resumed_from}", flush=True)
+    print(f"training {cfg.model} ({sum(int(np.prod(v.shape)) for v in model.trainable_variables)}"
+          f" parameters) for {cfg.steps} steps, global batch {cfg.batch_size} on {replicas} "
+          f"replica(s) ({cfg.strategy}), lr {cfg.lr}, {'mixed_float16' if mixed else 'float32'}, "
+          f"workdir {cfg.workdir}", flush=True)
+
+    step = start_step
+    last_saved = start_step if latest else None
+    pending = []  # (total, terms) tensors of the steps since the last log line
+    timer_step, timer_start = None, None
+    with _StopFlag() as stop:
+        if val and start_step == 0 and start_step < cfg.steps:
+            run_validation(0)
+        while step < cfg.steps and stop.signum is None:
+            total, terms = train_step(next(batches))
+            step += 1
+            pending.append((total, terms))
+            if timer_start is None:  # the first step traces and compiles: time from its end
+                timer_step, timer_start = step, time.perf_counter()
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                mean_total = float(np.mean([float(t) for t, _ in pending]))
+                mean_terms = {k: float(np.mean([float(t[k]) for _, t in pending]))
+                              for k in pending[-1][1]}
+                pending = []
+                if not math.isfinite(mean_total) and not mixed:
+                    raise FloatingPointError(f"the loss is {mean_total} at step {step}; last "
+                                             f"checkpoint: {manager.latest_checkpoint}")
+                elapsed = time.perf_counter() - timer_start
+                rate = (step - timer_step) / elapsed if step > timer_step else float("nan")
+                eta = _format_eta((cfg.steps - step) / rate) if rate > 0 else "?"
+                summary["loss_history"].append([step, mean_total])
+                summary["train_loss"] = mean_total
+                with train_writer.as_default():
+                    summary_scalar("loss", mean_total, step)
+                    for key, value in mean_terms.items():
+                        summary_scalar(f"loss/{key}", value, step)
+                    summary_scalar("learning_rate", _read(optimizer.learning_rate), step)
+                    if math.isfinite(rate):
+                        summary_scalar("steps_per_second", rate, step)
+                    if mixed:
+                        summary_scalar("loss_scale", _read(optimizer.dynamic_scale), step)
+                train_writer.flush()
+                print(f"step {step}/{cfg.steps}  loss {mean_total:.5f}  {rate:.3g} steps/s  "
+                      f"ETA {eta}", flush=True)
+            if step % cfg.checkpoint_every == 0:
+                save_checkpoint(step)
+                last_saved = step
+            if val and step % cfg.val_every == 0 and step < cfg.steps:
+                run_validation(step)
+            if step_callback is not None:
+                step_callback(step)
+
+        if last_saved != step:
+            save_checkpoint(step)
+        summary["checkpoint"] = manager.latest_checkpoint
+        if stop.signum is not None:
+            summary["interrupted"], summary["signal"] = True, stop.name
+            print(f"stopped by {stop.name} at step {step}/{cfg.steps}; checkpoint "
+                  f"{manager.latest_checkpoint} saved; run the same command again to resume",
+                  flush=True)
+    if timer_start is not None and step > timer_step:
+        summary["seconds_per_step"] = (time.perf_counter() - timer_start) / (step - timer_step)
+    summary["step"] = step
+    if not summary["interrupted"]:
+        if val and (summary["validation"] is None or summary["validation"]["step"] != step):
+            run_validation(step)
+        if is_chief:
+            extra = {"step": step, "train_loss": summary["train_loss"],
+                     "validation": summary["validation"], "run_config": run_config}
+            models.save(model, model_dir, extra=_jsonable(extra))
+            summary["model_dir"] = os.path.abspath(model_dir)
+            print(f"final model saved in {model_dir}", flush=True)
+    if not is_chief:  # the other workers' checkpoints are scratch copies
+        import shutil
+
+        shutil.rmtree(save_dir, ignore_errors=True)
+    train_writer.close()
+    val_writer.close()
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from mdregnet import io
+
+    try:
+        summary = train(config_from_flags(FLAGS))
+    except (ConfigError, io.InvalidInputError, FileNotFoundError) as err:
+        sys.exit(f"mdregnet.train: error: {err}")
+    if summary["interrupted"]:  # the conventional status of a process ended by that signal
+        sys.exit(128 + int(getattr(signal, summary["signal"])))
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
