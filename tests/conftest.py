@@ -53,3 +53,29 @@ def oasis_pair_3d():
                 vol = vol[2::4, 2::4, 2::4]
             out.append(vol[4:36, :, 4:52])
     return tuple(out)
+
+
+def _fit_pair(model, moving, fixed, steps, lr):
+    """Trains `model` on one pair with its own objective and Adam; returns the loss per step."""
+    import tensorflow as tf
+
+    from mdregnet import models
+
+    loss_fn = models.objective(model)
+    opt = tf.keras.optimizers.Adam(lr)
+
+    @tf.function
+    def step(m, f):
+        with tf.GradientTape() as tape:
+            total, _ = loss_fn(m, f, model([m, f], training=True))
+        opt.apply_gradients(zip(tape.gradient(total, model.trainable_weights),
+                                model.trainable_weights))
+        return total
+
+    return [float(step(moving, fixed)) for _ in range(steps)]
+
+
+@pytest.fixture(scope="session")
+def fit_pair():
+    """The short single-pair training loop shared by the models' real-data tests."""
+    return _fit_pair

@@ -185,28 +185,12 @@ def test_load_refuses_tampered_config(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # Real data: a short training run per model on a real 2D pair
 # ------------------------------------------------------------------------------------------------
-def fit_pair(model, moving, fixed, steps, lr):
-    loss_fn = models.objective(model)
-    opt = tf.keras.optimizers.Adam(lr)
-
-    @tf.function
-    def step(m, f):
-        with tf.GradientTape() as tape:
-            total, _ = loss_fn(m, f, model([m, f], training=True))
-        opt.apply_gradients(zip(tape.gradient(total, model.trainable_weights),
-                                model.trainable_weights))
-        return total
-
-    losses = [float(step(moving, fixed)) for _ in range(steps)]
-    return losses
-
-
 STEPS = {"mdregnet": 150, "voxelmorph": 150}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["mdregnet", "voxelmorph"])  # the others: test_<model>.py
-def test_training_on_real_slices_improves_dice(name, oasis_slices):
+def test_training_on_real_slices_improves_dice(name, oasis_slices, fit_pair):
     moving, fixed, moving_seg, fixed_seg = oasis_slices
     d = models.get_method(name).divisor
     h, w = (moving.shape[0] // d) * d, (moving.shape[1] // d) * d
@@ -228,7 +212,7 @@ def test_training_on_real_slices_improves_dice(name, oasis_slices):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["mdregnet", "voxelmorph"])
-def test_short_3d_training_on_real_volumes(name, oasis_pair_3d):
+def test_short_3d_training_on_real_volumes(name, oasis_pair_3d, fit_pair):
     moving, fixed, moving_seg, fixed_seg = oasis_pair_3d
     m, f = moving[None, ..., None], fixed[None, ..., None]
     model = models.build(name, moving.shape)
