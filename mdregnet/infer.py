@@ -1,8 +1,21 @@
 """Register one moving image to one fixed image with a trained model: `python -m mdregnet.infer`.
 
     python -m mdregnet.infer --moving sub01.nii.gz --fixed template.nii.gz --out reg/ \
-        [--model runs/mdregnet] \
+        [--model runs/mdregnet] [--preprocess [--template mni152]] \
         [--moving_labels sub01_seg.nii.gz --fixed_labels template_seg.nii.gz]
+    python -m mdregnet.infer [--out reg/]    # the embedded default pair (mdregnet.assets)
+
+Without `--moving` and `--fixed`, the embedded default pair is registered: Colin27 (moving, with
+its AAL labels) to the MNI152 2009a brain (fixed), both shipped in `mdregnet/assets` on the grid
+of the shipped models, so the command works on a machine with nothing else; `--out` defaults to
+`mdregnet_out`.
+
+With `--preprocess`, both images first go through `mdregnet.preprocess.preprocess_subject` as the
+training subjects did: skull stripping with the label map (`labels > 0`), a `--moving_mask` /
+`--fixed_mask`, or, without either, the image's non-zero voxels (an image already
+skull-stripped); robust normalisation; affine alignment to `--template` (default: the shipped
+MNI152 brain) with SimpleITK; resampling onto the template's grid of the model's input size
+(80x112x80 at 2 mm for the shipped models). The outputs then live on that template grid.
 
 Data flow (CONVENTIONS.md): both images are read and validated by `mdregnet.io`; intensities
 outside [0, 1] are min-max normalised (robust, `io.normalize_intensity`); a moving image on
@@ -43,7 +56,7 @@ import tensorflow as tf
 from absl import app, flags
 from scipy import ndimage
 
-from mdregnet import io, layers, metrics, models
+from mdregnet import assets, io, layers, metrics, models, preprocess
 
 #: The model used when --model is not given (shipped inside the package when it exists).
 PRETRAINED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained",
@@ -64,12 +77,13 @@ def define_flags(flag_values=FLAGS):
     import, so the package's apps can import each other without clashing flag names.
     """
     fv = dict(flag_values=flag_values)
-    flags.DEFINE_string("moving", None, "Moving image (NIfTI).", **fv)
+    flags.DEFINE_string("moving", None, "Moving image (NIfTI); with --fixed. Without both: the "
+                        "embedded default pair (Colin27 to MNI152).", **fv)
     flags.DEFINE_string("fixed", None, "Fixed image (NIfTI); outputs live on its grid.", **fv)
     flags.DEFINE_string("model", None, "Model directory written by mdregnet.models.save (default: "
                         "the pretrained model shipped at mdregnet/pretrained/mdregnet_ixi2mm, if "
                         "any).", **fv)
-    flags.DEFINE_string("out", None, "Output directory (created).", **fv)
+    flags.DEFINE_string("out", None, "Output directory (created); default: mdregnet_out.", **fv)
     flags.DEFINE_string("moving_labels", None, "Optional moving label map: warped, and Dice "
                         "reported when --fixed_labels is given too.", **fv)
     flags.DEFINE_string("fixed_labels", None, "Optional fixed label map (Dice, and folding inside "
@@ -78,6 +92,15 @@ def define_flags(flag_values=FLAGS):
                       "cpu hides every GPU; gpu fails when none is visible; auto uses what is "
                       "there.", **fv)
     flags.DEFINE_boolean("figure", True, "Write figure.png.", **fv)
+    flags.DEFINE_boolean("preprocess", False, "Skull strip, normalise and affine-align both "
+                         "images to --template first (mdregnet.preprocess), onto the template "
+                         "grid of the model's input size.", **fv)
+    flags.DEFINE_string("template", "mni152", "With --preprocess: 'mni152' (shipped) or a "
+                        "skull-stripped template NIfTI.", **fv)
+    flags.DEFINE_string("moving_mask", None, "With --preprocess: brain mask of the moving image "
+                        "(default: --moving_labels > 0, else its non-zero voxels).", **fv)
+    flags.DEFINE_string("fixed_mask", None, "With --preprocess: brain mask of the fixed image.",
+                        **fv)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -339,7 +362,7 @@ def _device_name():
 
 
 def register(model, moving_path, fixed_path, out_dir, moving_labels=None, fixed_labels=None,
-             figure=True):
+             figure=True, notes=None):
     """Registers `moving_path` to `fixed_path` and writes the outputs listed in the module doc.
 
     Args:
@@ -352,6 +375,7 @@ def register(model, moving_path, fixed_path, out_dir, moving_labels=None, fixed_
             replaced, and those this run does not produce (e.g. `warped_labels.nii.gz`) removed.
         moving_labels, fixed_labels: optional label-map paths on the grid of their image.
         figure: write `figure.png`.
+        notes: optional sentences to put first in the summary's `notes` (e.g. preprocessing).
 
     Returns:
         The summary dict also written to `summary.json`.
@@ -366,7 +390,7 @@ def register(model, moving_path, fixed_path, out_dir, moving_labels=None, fixed_
     inputs = _load_inputs(moving_path, fixed_path, moving_labels, fixed_labels)
     fixed_img, moving_img = inputs["fixed_img"], inputs["moving_img"]
     shape = tuple(int(n) for n in inputs["fixed"].shape)
-    notes = []
+    notes = list(notes or [])
 
     fixed, fixed_normalised = _to_unit_range(inputs["fixed"], "fixed", notes)
     moving, moving_normalised = _to_unit_range(inputs["moving"], "moving", notes)
@@ -522,19 +546,95 @@ def default_model_dir():
                          "mdregnet.models.save (e.g. by python -m mdregnet.train)")
 
 
+def _brain_mask_file(image_path, out_path):
+    """Writes `image != 0` as a mask (for an image already skull-stripped); returns its path.
+
+    Raises:
+        io.InvalidInputError: the image has no zero background (it needs a mask or labels).
+    """
+    image, img = io.load_image(image_path)
+    brain = image != 0
+    if brain.all():
+        raise io.InvalidInputError(f"{image_path}: --preprocess needs a skull-stripped image "
+                                   "(zero background) or a brain mask (--moving_mask / "
+                                   "--fixed_mask) or a label map")
+    io.save_volume(out_path, brain.astype(np.uint8), img.affine)
+    return out_path
+
+
+def preprocess_pair(moving_path, fixed_path, work_dir, model, template="mni152",
+                    moving_labels=None, fixed_labels=None, moving_mask=None, fixed_mask=None):
+    """Runs `mdregnet.preprocess` on both images (see the module doc) into `work_dir`.
+
+    Args:
+        moving_path, fixed_path: NIfTI images (skull on with a mask or labels, or skull-stripped).
+        work_dir: folder for the preprocessed files.
+        model: the model (or saved directory) whose input shape sets the output grid's size.
+        template: 'mni152' (the shipped MNI152 brain at 2 mm) or a skull-stripped NIfTI.
+        moving_labels, fixed_labels, moving_mask, fixed_mask: optional paths on their image's grid.
+
+    Returns:
+        `(paths, note)`: `paths` a dict with `moving`, `fixed`, `moving_labels`, `fixed_labels`
+        (the preprocessed files; labels None when not given) and `note` a sentence for the
+        summary.
+
+    Raises:
+        io.InvalidInputError: unreadable inputs, or an image that cannot be skull-stripped.
+        RuntimeError: an affine registration fails.
+    """
+    config, _ = model_config(model)
+    template_path = assets.MNI152_TEMPLATE if template == "mni152" else os.fspath(template)
+    tmpl = preprocess.load_template(template_path)
+    grid = preprocess.target_grid(tmpl, tuple(config["input_shape"]))
+    paths, details = {}, []
+    for role, image, labels, mask in (("moving", moving_path, moving_labels, moving_mask),
+                                      ("fixed", fixed_path, fixed_labels, fixed_mask)):
+        if mask is None and labels is None:
+            mask = _brain_mask_file(image, os.path.join(work_dir, f"{role}_mask.nii.gz"))
+        stats = preprocess.preprocess_subject(image, work_dir, role, label_path=labels,
+                                              mask_path=mask, template=tmpl, grid=grid)
+        paths[role], paths[f"{role}_labels"] = stats["image"], stats["labels"]
+        details.append(f"{role} affine scale {stats['scale']:.3f}"
+                       + "".join(f" ({w})" for w in stats["warnings"]))
+    note = (f"both images preprocessed (skull strip, normalise, affine to {template_path}, "
+            f"resampled onto its {'x'.join(map(str, grid.shape))} grid at "
+            f"{'x'.join(f'{z:g}' for z in grid.spacing)} mm): " + "; ".join(details)
+            + "; outputs live on that grid")
+    return paths, note
+
+
 def run_from_flags(fv=FLAGS):
     """The command line's work, reading parsed flags `fv`; returns the summary."""
-    for name in ("moving", "fixed", "out"):
-        if not fv[name].value:
-            raise app.UsageError(f"--{name} is required")
-    if bool(fv.moving_labels) != bool(fv.fixed_labels):
+    moving, fixed = fv.moving, fv.fixed
+    moving_labels, fixed_labels = fv.moving_labels, fv.fixed_labels
+    if bool(moving) != bool(fixed):
+        raise app.UsageError("give both --moving and --fixed, or neither (the embedded default "
+                             "pair)")
+    if not moving:
+        pair = assets.default_pair()
+        moving, fixed = pair.moving, pair.fixed
+        moving_labels = moving_labels or pair.moving_labels
+        print(f"no --moving/--fixed: registering the embedded default pair, Colin27 "
+              f"({moving}) to the MNI152 2009a brain ({fixed})")
+    out = fv.out or "mdregnet_out"
+    if bool(moving_labels) != bool(fixed_labels):
         print("note: Dice needs both --moving_labels and --fixed_labels; "
-              + ("warping the moving labels only" if fv.moving_labels else
+              + ("warping the moving labels only" if moving_labels else
                  "the fixed labels give the brain mask for folding only"))
     set_device(fv.device)
     model_dir = fv.model or default_model_dir()
-    summary = register(model_dir, fv.moving, fv.fixed, fv.out, moving_labels=fv.moving_labels,
-                       fixed_labels=fv.fixed_labels, figure=fv.figure)
+    with tempfile.TemporaryDirectory(prefix="mdregnet_preprocess_") as work:
+        notes = []
+        if fv.preprocess:
+            paths, note = preprocess_pair(moving, fixed, work, model_dir, template=fv.template,
+                                          moving_labels=moving_labels,
+                                          fixed_labels=fixed_labels, moving_mask=fv.moving_mask,
+                                          fixed_mask=fv.fixed_mask)
+            moving, fixed = paths["moving"], paths["fixed"]
+            moving_labels, fixed_labels = paths["moving_labels"], paths["fixed_labels"]
+            notes.append(note)
+        summary = register(model_dir, moving, fixed, out, moving_labels=moving_labels,
+                           fixed_labels=fixed_labels, figure=fv.figure, notes=notes)
     for note in summary["notes"]:
         print(f"note: {note}")
     fold = summary["folding"]
@@ -544,7 +644,7 @@ def run_from_flags(fv=FLAGS):
     if summary["dice"] is not None:
         print(f"Dice mean {summary['dice']['mean']:.4f} (before registration "
               f"{summary['dice']['before']:.4f})")
-    print(f"outputs in {os.path.abspath(fv.out)}:")
+    print(f"outputs in {os.path.abspath(out)}:")
     for name in sorted(summary["outputs"]):
         print(f"  {summary['outputs'][name]}")
     return summary

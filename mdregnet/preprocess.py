@@ -1,8 +1,8 @@
 """Preprocessing of raw T1 MRI for training: skull strip, normalise, affine to a template, crop.
 
     python -m mdregnet.preprocess --images ixi/T1 --labels ixi/labels --out work_data/ixi \
-        [--masks DIR] [--template NIFTI [--template_mask NIFTI]] [--spacing 2] \
-        [--shape 80,96,80] [--subjects FILE] [--workers 2] [--overwrite]
+        [--masks DIR] [--template mni152|first|NIFTI [--template_mask NIFTI]] [--spacing 2] \
+        [--shape 80,112,80] [--subjects FILE] [--workers 2] [--overwrite]
 
 What the MDReg-Net paper got from FreeSurfer ("Image Datasets": skull stripping, intensity
 normalisation, affine alignment, 1 mm, cropped to 176x192x176), done per subject by
@@ -38,14 +38,14 @@ normalisation, affine alignment, 1 mm, cropped to 176x192x176), done per subject
    int32 if a label does not fit). `<id>` is the image's file name without `.nii` / `.nii.gz`
    (`mdregnet.data.find_subjects` finds them again).
 
-The template: `--template` can be any NIfTI, e.g. an MNI152 T1 (nilearn's
-`datasets.load_mni152_template()` saved to disk, with `--template_mask` set to its brain mask);
-it must be skull-stripped (background exactly 0) unless `--template_mask` is given, and it is
-normalised like the subjects. By default the template is the FIRST subject of the cohort
+The template: by default (`--template mni152`) the ICBM 2009a nonlinear symmetric MNI152 T1
+brain at 2 mm shipped in `mdregnet/assets` (from nilearn's bundled copy; see its README), so the
+outputs live in MNI space on the grid the shipped models were trained on. `--template` can also be
+any NIfTI: it must be skull-stripped (background exactly 0) unless `--template_mask` is given, and
+it is normalised like the subjects. `--template first` takes the FIRST subject of the cohort
 (sorted ids, or the first of `--subjects`; the next one if its files cannot be read), skull
-stripped and normalised, i.e. every subject is affinely aligned to subject 1 and the output grid
-is centred on subject 1's brain. That keeps the package free of bundled atlases and CI free of
-optional downloads.
+stripped and normalised: every subject is affinely aligned to subject 1 and the output grid is
+centred on subject 1's brain.
 
 The command runs subjects in parallel processes (`--workers`, default min(2, CPUs)), logs one
 line per subject with its time, the elapsed time and an ETA, skips subjects whose outputs exist
@@ -66,7 +66,7 @@ import numpy as np
 import SimpleITK as sitk
 from absl import app, flags, logging
 
-from mdregnet import io
+from mdregnet import assets, io
 
 FLAGS = flags.FLAGS
 
@@ -781,8 +781,10 @@ def define_flags(flag_values=FLAGS):
                         "matched like --labels.", **fv)
     flags.DEFINE_string("out", None, "Output folder: images/<id>.nii.gz, labels/<id>.nii.gz.",
                         **fv)
-    flags.DEFINE_string("template", None, "Skull-stripped template NIfTI (e.g. MNI152); default: "
-                        "the first subject, skull-stripped.", **fv)
+    flags.DEFINE_string("template", "mni152", "Skull-stripped template: a NIfTI file, 'mni152' "
+                        "(the MNI152 2009a brain at 2 mm shipped in mdregnet/assets, on which the "
+                        "shipped models were trained) or 'first' (the first subject, "
+                        "skull-stripped).", **fv)
     flags.DEFINE_string("template_mask", None, "Brain mask of --template, when the template is "
                         "not skull-stripped.", **fv)
     flags.DEFINE_string("spacing", None, "Output voxel size in mm, one or three numbers; default "
@@ -824,9 +826,10 @@ def run_from_flags(fv):
     shape = check_shape(fv.shape)
     spacing = None if fv.spacing is None else _parse_triplet(fv.spacing, "spacing")
     jobs = find_jobs(fv.images, fv.labels, fv.masks, fv.subjects)
-    if fv.template:
-        template = load_template(fv.template, mask_path=fv.template_mask)
-        logging.info("template: %s", fv.template)
+    if fv.template not in (None, "", "first"):
+        path = assets.MNI152_TEMPLATE if fv.template == "mni152" else fv.template
+        template = load_template(path, mask_path=fv.template_mask)
+        logging.info("template: %s", path)
     else:
         template, first = _first_template(jobs, fv.mask_dilation)
         logging.info("template: the first subject, %s, skull-stripped (%s); every subject is "

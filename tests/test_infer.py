@@ -11,7 +11,7 @@ import pytest
 from absl import app, flags
 from scipy import ndimage
 
-from mdregnet import infer, io, models
+from mdregnet import assets, infer, io, models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = (32, 32, 32)
@@ -39,10 +39,10 @@ def save_nifti(path, array, affine=AFFINE):
     return str(path)
 
 
-def perturbed_model(name="voxelmorph"):
+def perturbed_model(name="voxelmorph", shape=SHAPE):
     """A tiny model whose field is clearly nonzero: the flow head gets random weights of order
     1e-2 and a bias (a translation of about a voxel per component)."""
-    model = models.build(name, SHAPE)
+    model = models.build(name, shape)
     rng = np.random.default_rng(3)
     for layer in model.layers:
         if layer.name in ("flow", "S1_svf", "S2_svf", "S3_svf"):
@@ -56,6 +56,15 @@ def perturbed_model(name="voxelmorph"):
 def model_dir(tmp_path_factory):
     directory = str(tmp_path_factory.mktemp("model") / "voxelmorph")
     models.save(perturbed_model(), directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def mni_model_dir(tmp_path_factory):
+    """The same kind of model saved for the shipped models' grid, 80x112x80 (sets the size of
+    the --preprocess grid)."""
+    directory = str(tmp_path_factory.mktemp("model") / "voxelmorph_mni")
+    models.save(perturbed_model(shape=(80, 112, 80)), directory)
     return directory
 
 
@@ -263,3 +272,115 @@ def test_command_line(pair, model_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert str(out) in result.stdout and "Dice mean" in result.stdout
     assert set(os.listdir(out)) == set(infer.OUTPUT_FILES)
+
+
+# ------------------------------------------------------------------------------------------------
+# The embedded default pair and --preprocess
+# ------------------------------------------------------------------------------------------------
+def _flags(argv):
+    fv = flags.FlagValues()
+    infer.define_flags(fv)
+    fv(["infer"] + argv)
+    return fv
+
+
+def test_default_pair_files_are_on_one_grid_in_mni_space():
+    pair = assets.default_pair()
+    fixed, fixed_img = io.load_image(pair.fixed)
+    moving, moving_img = io.load_image(pair.moving)
+    labels, labels_img = io.load_labels(pair.moving_labels)
+    assert fixed.shape == moving.shape == labels.shape == (80, 112, 80)
+    io.check_same_grid(fixed_img, pair.fixed, moving_img, pair.moving)
+    io.check_same_grid(fixed_img, pair.fixed, labels_img, pair.moving_labels)
+    np.testing.assert_allclose(np.diag(fixed_img.affine)[:3], [2.0, 2.0, 2.0])
+    # World (0, 0, 0), the MNI origin near the anterior commissure, lies inside the brain box.
+    centre = np.linalg.solve(fixed_img.affine, [0.0, 0.0, 0.0, 1.0])[:3]
+    assert np.all(centre > 10) and np.all(centre < np.array(fixed.shape) - 10)
+    assert 0.0 <= fixed.min() and fixed.max() <= 1.0 + 1e-6 and moving.max() <= 1.0 + 1e-6
+    # Both are brains aligned to each other: high overlap of the brain masks, AAL has 116 regions.
+    a, b = fixed > 0, moving > 0
+    assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.85
+    assert len(np.unique(labels)) == 117
+
+
+def test_default_pair_runs_with_a_given_model(model_dir, tmp_path, capsys):
+    out = tmp_path / "default"
+    summary = infer.run_from_flags(_flags(["--model", model_dir, "--out", str(out),
+                                           "--device", "cpu", "--nofigure"]))
+    printed = capsys.readouterr().out
+    assert "embedded default pair" in printed and str(out) in printed
+    assert summary["moving"] == assets.default_pair().moving
+    assert summary["shape"] == [80, 112, 80]
+    assert "warped_labels.nii.gz" in summary["outputs"]
+    assert nib.load(str(out / "warped.nii.gz")).shape == (80, 112, 80)
+
+
+def test_only_one_of_moving_and_fixed_is_a_usage_error(pair, tmp_path):
+    with pytest.raises(app.UsageError, match="both --moving and --fixed"):
+        infer.run_from_flags(_flags(["--moving", pair["moving"], "--out", str(tmp_path / "o")]))
+
+
+def test_preprocess_aligns_both_images_to_the_template_grid(mni_model_dir, tmp_path):
+    """A rotated and shifted copy of the default moving image (1.5 mm voxels, another field of
+    view, a header that does not know the rotation) goes back onto the template grid with
+    --preprocess."""
+    pair = assets.default_pair()
+    moving, img = io.load_image(pair.moving)
+    angle = np.deg2rad(6.0)
+    rot = np.array([[1, 0, 0], [0, np.cos(angle), -np.sin(angle)], [0, np.sin(angle), np.cos(angle)]])
+    new_affine = np.eye(4)
+    new_affine[:3, :3] = rot @ np.diag([1.5, 1.5, 1.5])
+    new_affine[:3, 3] = img.affine[:3, 3] + np.array([-6.0, 4.0, 3.0])
+    shape = (112, 150, 112)
+    raw = infer.resample_to_grid(moving * 900.0, img.affine, new_affine, shape, order=1)
+    # The header does not know the rotation and places the head 8 mm off: world space differs.
+    header_affine = np.diag([1.5, 1.5, 1.5, 1.0])
+    header_affine[:3, 3] = new_affine[:3, 3] + np.array([8.0, 0.0, 0.0])
+    raw_path = save_nifti(tmp_path / "raw_moving.nii.gz", raw.astype(np.float32), header_affine)
+    out = tmp_path / "pre"
+    summary = infer.run_from_flags(_flags(["--moving", raw_path, "--fixed", pair.fixed,
+                                           "--model", mni_model_dir, "--out", str(out),
+                                           "--preprocess",
+                                           "--device", "cpu", "--nofigure"]))
+    assert any("preprocessed" in note for note in summary["notes"])
+    warped = nib.load(str(out / "warped.nii.gz"))
+    assert warped.shape == (80, 112, 80)
+    # The template grid is the default pair's grid (the shipped models' grid).
+    np.testing.assert_allclose(warped.affine, img.affine, atol=1e-4)
+    # The preprocessed moving image is the original again (up to interpolation): the affine
+    # alignment undid the rotation and shift, which resampling through the headers keeps.
+    paths, _ = infer.preprocess_pair(raw_path, pair.fixed, str(tmp_path), mni_model_dir)
+    recovered = io.load_image(paths["moving"])[0]
+    brain = moving > 0
+    corr = np.corrcoef(recovered[brain], moving[brain])[0, 1]
+    naive = infer.resample_to_grid(raw, header_affine, img.affine, moving.shape, order=1)
+    assert corr > 0.95 and corr > np.corrcoef(naive[brain], moving[brain])[0, 1] + 0.05
+
+
+def test_preprocess_refuses_an_image_with_skull_and_no_mask(model_dir, tmp_path):
+    pair = assets.default_pair()
+    moving, img = io.load_image(pair.moving)
+    skull = save_nifti(tmp_path / "skull.nii.gz", (moving + 0.1).astype(np.float32), img.affine)
+    with pytest.raises(io.InvalidInputError, match="skull-stripped"):
+        infer.run_from_flags(_flags(["--moving", skull, "--fixed", pair.fixed, "--model",
+                                     model_dir, "--out", str(tmp_path / "o"), "--preprocess"]))
+    assert not (tmp_path / "o").exists()
+
+
+def test_readme_command_registers_the_default_pair_with_the_shipped_model(tmp_path):
+    """The README's main-job command on a machine with nothing but the package."""
+    assert os.path.isfile(os.path.join(infer.PRETRAINED_DIR, "config.json")), \
+        "the pretrained model is not shipped in mdregnet/pretrained"
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               TF_CPP_MIN_LOG_LEVEL="2")
+    result = subprocess.run([sys.executable, "-m", "mdregnet.infer", "--device", "cpu"],
+                            cwd=str(tmp_path), env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "mdregnet_out"
+    assert str(out) in result.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"]["name"] == "mdregnet"
+    assert summary["folding"]["percent"] < 1.0
+    assert set(os.listdir(out)) >= {"warped.nii.gz", "disp_itk.nii.gz", "inverse_disp.nii.gz",
+                                    "warped_labels.nii.gz", "figure.png", "summary.json"}

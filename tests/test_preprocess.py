@@ -12,7 +12,7 @@ from absl import flags
 from scipy import ndimage
 
 from conftest import REPO, shared_path
-from mdregnet import io, preprocess
+from mdregnet import assets, io, preprocess
 
 LPS = np.diag([-1.0, -1.0, 1.0])
 
@@ -263,8 +263,9 @@ def _write_cohort(root, corrupt=None):
 
 
 def _args(root, *extra):
+    # The synthetic phantoms are aligned to the first subject, not to the shipped MNI152 brain.
     return ["--images", str(root / "images"), "--labels", str(root / "labels"),
-            "--out", str(root / "out"), "--shape", "48,64,48", *extra]
+            "--out", str(root / "out"), "--shape", "48,64,48", "--template", "first", *extra]
 
 
 def _run_main(argv):
@@ -330,3 +331,24 @@ def test_cli_reports_a_corrupt_subject_and_goes_on(tmp_path):
     assert (tmp_path / "out" / "images" / "b_T1.nii.gz").exists()
     assert (tmp_path / "out" / "labels" / "b_T1.nii.gz").exists()
     assert not (tmp_path / "out" / "images" / "a_T1.nii.gz").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_cli_default_template_puts_a_real_subject_on_the_shipped_models_grid(tmp_path, capsys):
+    """Default `--template mni152`: a raw IXI subject lands on the MNI152 80x112x80 grid of the
+    shipped models, scaled up a little (IXI heads are smaller than the MNI152 average)."""
+    subject = f"{IXI_MOVING}_T1"
+    for folder, name in (("T1", f"{subject}.nii.gz"), ("labels", f"{subject}_DLMUSE.nii.gz")):
+        os.makedirs(tmp_path / folder, exist_ok=True)
+        os.symlink(shared_path("ixi", folder, name), tmp_path / folder / name)
+    assert _run_main(["--images", str(tmp_path / "T1"), "--labels", str(tmp_path / "labels"),
+                      "--out", str(tmp_path / "out"), "--shape", "80,112,80"]) == 0
+    assert "1 done" in capsys.readouterr().out
+    img = nib.load(str(tmp_path / "out" / "images" / f"{subject}.nii.gz"))
+    fixed = nib.load(assets.default_pair().fixed)
+    assert img.shape == fixed.shape == (80, 112, 80)
+    np.testing.assert_allclose(img.affine, fixed.affine, atol=1e-4)
+    labels = np.asanyarray(nib.load(str(tmp_path / "out" / "labels" / f"{subject}.nii.gz")).dataobj)
+    template_brain = np.asanyarray(fixed.dataobj) > 0
+    assert _dice(labels > 0, template_brain) > 0.85
