@@ -2,7 +2,8 @@
 
     python -m mdregnet.infer --moving sub01.nii.gz --fixed template.nii.gz --out reg/ \
         [--model runs/mdregnet] [--preprocess [--template mni152]] \
-        [--moving_labels sub01_seg.nii.gz --fixed_labels template_seg.nii.gz]
+        [--moving_labels sub01_seg.nii.gz --fixed_labels template_seg.nii.gz] \
+        [--refine_steps 50 [--refine_lr 0.1]]
     python -m mdregnet.infer [--out reg/]    # the embedded default pair (mdregnet.assets)
 
 Without `--moving` and `--fixed`, the embedded default pair is registered: Colin27 (moving, with
@@ -25,6 +26,12 @@ divisible by the model's down-sampling factor, otherwise both images are zero-pa
 multiple and every output is cropped back. The model returns `disp` `(X, Y, Z, 3)` in voxels of
 the fixed grid, `warped(p) = moving(p + disp(p))`, and for diffeomorphic models `inverse_disp`.
 
+With `--refine_steps N` (N > 0; diffeomorphic models only), the model's stationary velocity field
+for this pair is then refined by N Adam steps on the model's own loss (`mdregnet.refine`, after
+the FCN paper's Discussion: optimise the transformation of a new pair by backpropagation), and
+every output below comes from the refined field, still `exp(v)` by the model's scaling and
+squaring.
+
 Outputs in `--out` (all on the fixed image's grid, with its affine and header):
     warped.nii.gz            moving image warped onto the fixed image (trilinear)
     disp.nii.gz              displacement, voxels, `(X, Y, Z, 3)` (component c along array axis c)
@@ -34,9 +41,11 @@ Outputs in `--out` (all on the fixed image's grid, with its affine and header):
     jacobian_det.nii.gz      det(I + grad disp) (folding where <= 0)
     warped_labels.nii.gz     moving label map warped by nearest neighbour (with --moving_labels)
     summary.json             model, shapes, time of the model call (one call: it includes the
-                             one-time graph tracing and XLA compilation), folding (grid and,
-                             with --fixed_labels, brain mask), SDlogJ, Dice (mean, per label,
-                             before registration), notes on what was done
+                             one-time graph tracing and XLA compilation; with refinement, its
+                             time too), folding (grid and, with --fixed_labels, brain mask),
+                             SDlogJ, Dice (mean, per label, before registration), notes on what
+                             was done, and 'refine' (null, or steps, seconds, loss_before,
+                             loss_after, lr)
     figure.png               fixed / moving / warped slices, deformed grid, Jacobian map
 
 Nothing is written into `--out` until every output exists: they are written into a temporary
@@ -56,7 +65,7 @@ import tensorflow as tf
 from absl import app, flags
 from scipy import ndimage
 
-from mdregnet import assets, io, layers, metrics, models, preprocess
+from mdregnet import assets, io, layers, metrics, models, preprocess, refine
 
 #: The model used when --model is not given (shipped inside the package when it exists).
 PRETRAINED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained",
@@ -101,6 +110,11 @@ def define_flags(flag_values=FLAGS):
                         "(default: --moving_labels > 0, else its non-zero voxels).", **fv)
     flags.DEFINE_string("fixed_mask", None, "With --preprocess: brain mask of the fixed image.",
                         **fv)
+    flags.DEFINE_integer("refine_steps", 0, "Test-time refinement: Adam steps on this pair's "
+                         "velocity field with the model's own loss (mdregnet.refine); 0 = off.",
+                         lower_bound=0, **fv)
+    flags.DEFINE_float("refine_lr", None, "Adam step size of the refinement, voxels of the "
+                       "velocity grid (default mdregnet.refine.DEFAULT_LR).", **fv)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -175,24 +189,33 @@ def crop_volume(array, pad):
     return array[index]
 
 
-def predict(model, moving, fixed, pad=None):
+def predict(model, moving, fixed, pad=None, refine_steps=0, refine_lr=None):
     """Runs `model([moving, fixed])` on one pair and returns numpy outputs on the unpadded grid.
 
     Args:
         model: a registration model whose input shape is the padded image shape.
         moving, fixed: `(X, Y, Z)` float32 in [0, 1], on the same grid.
         pad: `(before, after)` per axis, from `fit_model`, or None.
+        refine_steps: when > 0, the fields are refined by `refine.refine` (on the padded grid)
+            with this many Adam steps of step size `refine_lr` (None: `refine.DEFAULT_LR`).
 
     Returns:
         `(outputs, seconds)`: `outputs` has 'disp' `(X, Y, Z, 3)` voxels, 'warped' `(X, Y, Z)`,
-        and when the model has them 'inverse_disp' and 'warped_fixed'; `seconds` is the time of
-        the model call alone (until the displacement is on the host).
+        and when the model has them 'inverse_disp' and 'warped_fixed'; with refinement also
+        'refine', the `info` dict of `refine.refine`. `seconds` is the time of the model call
+        (and refinement) alone, until the displacement is on the host.
+
+    Raises:
+        ValueError: `refine_steps > 0` for a model without a velocity field.
     """
     pad = pad or ((0, 0),) * moving.ndim
     m = pad_volume(np.asarray(moving, np.float32), pad)[None, ..., None]
     f = pad_volume(np.asarray(fixed, np.float32), pad)[None, ..., None]
     start = time.perf_counter()
     out = model([m, f], training=False)
+    info = None
+    if refine_steps:
+        out, info = refine.refine(model, m, f, refine_steps, lr=refine_lr, outputs=out)
     disp = np.asarray(out["disp"])
     seconds = time.perf_counter() - start
     result = {"disp": crop_volume(disp[0], pad),
@@ -201,6 +224,8 @@ def predict(model, moving, fixed, pad=None):
         if key in out:
             value = np.asarray(out[key])[0]
             result[key] = crop_volume(value[..., 0] if key == "warped_fixed" else value, pad)
+    if info is not None:
+        result["refine"] = info
     return result, seconds
 
 
@@ -362,7 +387,7 @@ def _device_name():
 
 
 def register(model, moving_path, fixed_path, out_dir, moving_labels=None, fixed_labels=None,
-             figure=True, notes=None):
+             figure=True, notes=None, refine_steps=0, refine_lr=None):
     """Registers `moving_path` to `fixed_path` and writes the outputs listed in the module doc.
 
     Args:
@@ -376,6 +401,9 @@ def register(model, moving_path, fixed_path, out_dir, moving_labels=None, fixed_
         moving_labels, fixed_labels: optional label-map paths on the grid of their image.
         figure: write `figure.png`.
         notes: optional sentences to put first in the summary's `notes` (e.g. preprocessing).
+        refine_steps: when > 0, refine this pair's velocity field by that many Adam steps on the
+            model's own loss (`mdregnet.refine`) and write the refined outputs.
+        refine_lr: the refinement's Adam step size (voxels); None: `refine.DEFAULT_LR`.
 
     Returns:
         The summary dict also written to `summary.json`.
@@ -383,7 +411,8 @@ def register(model, moving_path, fixed_path, out_dir, moving_labels=None, fixed_
     Raises:
         io.InvalidInputError: an input file is unreadable or invalid (the message names it).
         FileNotFoundError / ValueError: a bad model directory or a model that cannot take the
-            images. In every case nothing is left in `out_dir`.
+            images (or, with `refine_steps`, has no velocity field). In every case nothing is
+            left in `out_dir`.
     """
     started = time.perf_counter()
     source_config, source_dir = model_config(model)
@@ -409,7 +438,7 @@ def register(model, moving_path, fixed_path, out_dir, moving_labels=None, fixed_
     if fit_note:
         notes.append(fit_note)
     config = fitted.mdregnet_config
-    outputs, seconds = predict(fitted, moving, fixed, pad)
+    outputs, seconds = predict(fitted, moving, fixed, pad, refine_steps, refine_lr)
     disp = outputs["disp"]
     jac = metrics.jacobian_determinant(disp).astype(np.float32)
 
@@ -437,7 +466,12 @@ def register(model, moving_path, fixed_path, out_dir, moving_labels=None, fixed_
         "padding": None if not any(b or a for b, a in pad) else [list(p) for p in pad],
         "notes": notes,
         "dice": None,
+        "refine": None,
     }
+    if "refine" in outputs:
+        info = outputs["refine"]
+        summary["refine"] = {key: info[key] for key in ("steps", "seconds", "loss_before",
+                                                         "loss_after", "lr")}
     if "inverse_disp" in outputs:
         summary["inverse"] = {"folding": metrics.folding(outputs["inverse_disp"]),
                               "sdlogj": metrics.sd_log_jacobian(outputs["inverse_disp"])}
@@ -634,13 +668,18 @@ def run_from_flags(fv=FLAGS):
             moving_labels, fixed_labels = paths["moving_labels"], paths["fixed_labels"]
             notes.append(note)
         summary = register(model_dir, moving, fixed, out, moving_labels=moving_labels,
-                           fixed_labels=fixed_labels, figure=fv.figure, notes=notes)
+                           fixed_labels=fixed_labels, figure=fv.figure, notes=notes,
+                           refine_steps=fv.refine_steps, refine_lr=fv.refine_lr)
     for note in summary["notes"]:
         print(f"note: {note}")
     fold = summary["folding"]
     print(f"registered {summary['moving']} -> {summary['fixed']} with {summary['model']['name']} "
           f"in {summary['time_s']:.2f} s; folding {fold['count']} voxels "
           f"({fold['percent']:.4f}%), SDlogJ {summary['sdlogj']:.4f}")
+    if summary["refine"] is not None:
+        ref = summary["refine"]
+        print(f"refined with {ref['steps']} Adam steps (lr {ref['lr']:g}) in "
+              f"{ref['seconds']:.2f} s: loss {ref['loss_before']:.4f} -> {ref['loss_after']:.4f}")
     if summary["dice"] is not None:
         print(f"Dice mean {summary['dice']['mean']:.4f} (before registration "
               f"{summary['dice']['before']:.4f})")
