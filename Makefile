@@ -10,9 +10,10 @@ IXI_SHAPE ?= 80,112,80
 # Step budget of the CPU fallback of train-ping: ~1.57 s/step at IXI_SHAPE on 2 cores, so
 # preprocessing (~12 min) plus training fit in an hour.
 CPU_STEPS ?= 1700
-MODEL ?= runs/mdregnet_ixi2mm/model
+# eval-malc's model: the one train-ping wrote, else the pretrained model shipped in the package.
+MODEL ?= $(if $(wildcard runs/mdregnet_ixi2mm/model/config.json),runs/mdregnet_ixi2mm/model,mdregnet/pretrained/mdregnet_ixi2mm)
 
-.PHONY: install test lint prepare-ixi train-ping eval-malc
+.PHONY: install test lint prepare-ixi train-ping eval-malc compare
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +30,7 @@ lint:
 	$(PY) -m pip install -q pyflakes
 	$(PY) -m pyflakes mdregnet tests experiments
 
-# Skull strip, normalise, affine-align (to the first subject) and crop the IXI cohort at 2 mm.
+# Skull strip, normalise, affine-align (to the shipped MNI152 brain) and crop the IXI cohort at 2 mm.
 prepare-ixi:
 	$(PY) -m mdregnet.preprocess --images $(SHARED_DATA)/ixi/T1 --labels $(SHARED_DATA)/ixi/labels \
 	    --out $(IXI_PREP) --shape $(IXI_SHAPE) --workers 2
@@ -62,3 +63,9 @@ eval-malc:
 	  $(PY) -m mdregnet.evaluate --model $(MODEL) --data_dir $(IXI_PREP) \
 	      --subjects experiments/splits/ixi_val.txt --template_seed 0 --out results/eval_ixi_val; \
 	fi
+
+# The comparison table of the README: affine only, ANTs SyN (pip install -e '.[compare]') and the
+# shipped models, with and without test-time refinement, on the IXI validation pairs.
+compare: prepare-ixi
+	$(PY) experiments/compare.py --data_dir $(IXI_PREP) --subjects experiments/splits/ixi_val.txt \
+	    --template_seed 0 --out results/compare

@@ -4,7 +4,7 @@
         [--subjects experiments/splits/ixi_val.txt] [--template_seed 0] \
         [--methods affine,syn,models] [--models name=dir,name=dir] [--max_pairs N] \
         [--syn_metric CC] [--syn_sampling R] [--syn_iterations 40,20,0] [--syn_threads 2] \
-        [--device auto] [--out results/compare]
+        [--refine_steps 0,50] [--device auto] [--out results/compare]
 
 Protocol: that of `mdregnet.evaluate`. One template chosen at random (seeded,
 `evaluate.choose_template`) is the FIXED image and every other subject is MOVING (in the order of
@@ -110,6 +110,9 @@ def define_flags(flag_values=FLAGS):
                       "level, coarse to fine (shrink factors 2^(L-1)..1; antspyx default "
                       "40,20,0 leaves the full resolution out).", **fv)
     flags.DEFINE_integer("syn_threads", 2, f"ITK threads of ANTs ({ITK_THREADS_ENV}).", **fv)
+    flags.DEFINE_list("refine_steps", ["0"], "Per model, one row per value: 0 the network alone, "
+                      "k > 0 the network plus k test-time refinement steps (mdregnet.refine).",
+                      **fv)
     flags.DEFINE_enum("device", "auto", ["auto", "cpu", "gpu"], "Device of the models: cpu "
                       "hides every GPU; gpu fails when none is visible.", **fv)
 
@@ -335,7 +338,7 @@ def _expand_methods(methods, model_entries):
 
 def run(images, labels, ids, spacing=(1.0, 1.0, 1.0), methods=("affine", "syn", "models"),
         models=(), template_seed=0, max_pairs=None, syn_metric="CC", syn_sampling=None,
-        syn_iterations=SYN_ITERATIONS, syn_threads=2, log=print):
+        syn_iterations=SYN_ITERATIONS, syn_threads=2, refine_steps=(0,), log=print):
     """Registers the same pairs with every method and scores them.
 
     Args:
@@ -348,6 +351,9 @@ def run(images, labels, ids, spacing=(1.0, 1.0, 1.0), methods=("affine", "syn", 
         template_seed: seed of `evaluate.choose_template`.
         max_pairs: only the first this many moving subjects.
         syn_metric, syn_sampling, syn_iterations: `syn_settings`; syn_threads: ITK threads.
+        refine_steps: for each model, one method per value: 0 the network alone (named as the
+            model), k > 0 the network plus k steps of test-time refinement (`mdregnet.refine`,
+            named `<model>+refine<k>`; its time includes the refinement).
         log: callable for progress and skip messages.
 
     Returns:
@@ -367,15 +373,21 @@ def run(images, labels, ids, spacing=(1.0, 1.0, 1.0), methods=("affine", "syn", 
                          f"{images.shape}, labels {labels.shape}, {len(ids)} ids")
     if len(ids) < 2 or len(set(ids)) != len(ids):
         raise ValueError(f"need at least 2 unique subject ids; got {ids}")
-    plan = _expand_methods(list(methods), list(models))
+    plan = []
+    for name, kind, directory in _expand_methods(list(methods), list(models)):
+        if kind in ("affine", "syn"):
+            plan.append((name, kind, directory, 0))
+        else:
+            plan += [(name if k == 0 else f"{name}+refine{k}", kind, directory, int(k))
+                     for k in refine_steps]
     template = evaluate.choose_template(ids, template_seed)
     moving_idx = moving_indices(ids, template, max_pairs)
     moving_ids = [ids[i] for i in moving_idx]
     log(f"template {template} (seed {template_seed}); {len(moving_idx)} moving subjects; "
-        f"methods {', '.join(name for name, _, _ in plan)}")
+        f"methods {', '.join(entry[0] for entry in plan)}")
 
     rows, entries = [], []
-    for name, kind, directory in plan:
+    for name, kind, directory, steps in plan:
         entry = {"name": name, "kind": kind, "status": "ok", "device": None, "notes": []}
         entries.append(entry)
         if kind == "affine":
@@ -413,7 +425,9 @@ def run(images, labels, ids, spacing=(1.0, 1.0, 1.0), methods=("affine", "syn", 
                 continue
             method_rows, model_summary = evaluate.evaluate(
                 directory, images, labels, ids, template_id=template, inverse=False,
-                max_subjects=max_pairs)
+                max_subjects=max_pairs, refine_steps=steps)
+            if steps:
+                entry["refine_steps"] = steps
             if [r["moving_id"] for r in method_rows] != moving_ids:
                 raise RuntimeError(f"{name}: evaluate.evaluate registered other pairs")
             entry["device"] = model_summary["device"]
@@ -434,7 +448,7 @@ def run(images, labels, ids, spacing=(1.0, 1.0, 1.0), methods=("affine", "syn", 
         "moving_ids": moving_ids,
         "shape": [int(n) for n in images.shape[1:]],
         "spacing_mm": [float(s) for s in spacing],
-        "methods": [name for name, _, _ in plan],
+        "methods": [entry[0] for entry in plan],
         "host": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
     }
     return rows, {"settings": settings, "methods": entries}
@@ -551,7 +565,8 @@ def run_from_flags(fv=FLAGS, argv=None):
                         max_pairs=fv.max_pairs, syn_metric=fv.syn_metric,
                         syn_sampling=fv.syn_sampling,
                         syn_iterations=[int(n) for n in fv.syn_iterations],
-                        syn_threads=fv.syn_threads)
+                        syn_threads=fv.syn_threads,
+                        refine_steps=[int(k) for k in fv.refine_steps])
     summary["settings"].update(data_dir=os.path.abspath(data_dir), subjects_file=subjects,
                                models=dict(models))
     summary["command"] = "python " + shlex.join(argv if argv is not None else sys.argv)

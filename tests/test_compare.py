@@ -117,19 +117,21 @@ def test_command_line_with_a_model_and_the_files(dataset, model_dir, tmp_path):
     argv = ["compare.py", "--data_dir", str(dataset), "--subjects", "all",
             "--methods", "affine,syn,models", "--models",
             f"vm={model_dir},gone={tmp_path / 'no_model'}", "--max_pairs", "2",
-            "--template_seed", "0", "--out", str(out), "--device", "cpu"]
+            "--template_seed", "0", "--out", str(out), "--device", "cpu",
+            "--refine_steps", "0,5"]
     fv = flags.FlagValues()
     compare.define_flags(fv)
     fv(argv)
     rows, summary, paths = compare.run_from_flags(fv, argv)
 
     have_ants = compare.import_ants()[0] is not None
-    ran = ["affine", "vm"] + (["syn"] if have_ants else [])
+    ran = ["affine", "vm", "vm+refine5"] + (["syn"] if have_ants else [])
     assert sorted({r["method"] for r in rows}) == sorted(ran)
     assert len(rows) == 2 * len(ran)
     assert summary["settings"]["spacing_mm"] == list(SPACING)
     status = {e["name"]: e["status"] for e in summary["methods"]}
-    assert [e["name"] for e in summary["methods"]] == ["affine", "syn", "vm", "gone"]
+    assert [e["name"] for e in summary["methods"]] == ["affine", "syn", "vm", "vm+refine5",
+                                                       "gone", "gone+refine5"]
     assert status["gone"] == "directory not found" and status["vm"] == "ok"
 
     affine = {r["moving_id"]: r for r in rows if r["method"] == "affine"}
@@ -137,6 +139,11 @@ def test_command_line_with_a_model_and_the_files(dataset, model_dir, tmp_path):
         # An untrained model is the identity to ~1e-3 voxels: Dice as before registration.
         assert row["dice_mean"] == pytest.approx(affine[row["moving_id"]]["dice_mean"], abs=1e-6)
         assert row["time_s"] > 0 and row["folding_count"] == 0
+    vm = {r["moving_id"]: r for r in rows if r["method"] == "vm"}
+    for row in (r for r in rows if r["method"] == "vm+refine5"):
+        # Five steps of test-time refinement move the labels towards the template's.
+        assert row["dice_mean"] > vm[row["moving_id"]]["dice_mean"]
+        assert row["time_s"] > vm[row["moving_id"]]["time_s"] and row["folding_count"] == 0
     if have_ants:
         for row in (r for r in rows if r["method"] == "syn"):
             assert row["dice_mean"] > affine[row["moving_id"]]["dice_mean"] + 0.02
