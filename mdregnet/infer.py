@@ -5,6 +5,13 @@
         [--moving_labels sub01_seg.nii.gz --fixed_labels template_seg.nii.gz] \
         [--refine_steps 50 [--refine_lr 0.1]]
     python -m mdregnet.infer [--out reg/]    # the embedded default pair (mdregnet.assets)
+    python -m mdregnet.infer --fixed template.nii.gz --moving_dir DIR --out reg/    # a cohort
+    python -m mdregnet.infer --atlas A --atlas_labels L --subjects_dir DIR --out seg/
+
+The last two are the cohort modes (every subject of a folder to a template, or an atlas and its
+labels to every subject, batched, resumable, one folder per subject and a CSV): see
+`mdregnet.cohort`, which also documents `--labels_dir`, `--subjects`, `--batch_size` and
+`--strategy`.
 
 Without `--moving` and `--fixed`, the embedded default pair is registered: Colin27 (moving, with
 its AAL labels) to the MNI152 2009a brain (fixed), both shipped in `mdregnet/assets` on the grid
@@ -115,6 +122,22 @@ def define_flags(flag_values=FLAGS):
                          lower_bound=0, **fv)
     flags.DEFINE_float("refine_lr", None, "Adam step size of the refinement, voxels of the "
                        "velocity grid (default mdregnet.refine.DEFAULT_LR).", **fv)
+    # Cohort mode (mdregnet.cohort).
+    flags.DEFINE_string("moving_dir", None, "Cohort mode: register every image of this folder "
+                        "(moving) to --fixed; outputs in --out/<id>/ and --out/cohort.csv.", **fv)
+    flags.DEFINE_string("subjects_dir", None, "Cohort mode: register --atlas (moving) to every "
+                        "image of this folder (fixed) and warp --atlas_labels onto each.", **fv)
+    flags.DEFINE_string("atlas", None, "Atlas image, with --subjects_dir.", **fv)
+    flags.DEFINE_string("atlas_labels", None, "Atlas label map, with --subjects_dir.", **fv)
+    flags.DEFINE_string("labels_dir", None, "Cohort mode: folder of the subjects' label maps, "
+                        "matched to image ids by name (optional per subject).", **fv)
+    flags.DEFINE_string("subjects", None, "Cohort mode: file of subject ids to register, one a "
+                        "line ('#' comments); default every image of the folder.", **fv)
+    flags.DEFINE_integer("batch_size", 1, "Cohort mode: subjects per model call (global, split "
+                         "over the --strategy replicas).", lower_bound=1, **fv)
+    flags.DEFINE_enum("strategy", "default", ["default", "mirrored"], "Cohort mode: "
+                      "tf.distribute strategy; 'mirrored' splits each batch over every visible "
+                      "GPU.", **fv)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -440,11 +463,10 @@ def register(model, moving_path, fixed_path, out_dir, moving_labels=None, fixed_
     config = fitted.mdregnet_config
     outputs, seconds = predict(fitted, moving, fixed, pad, refine_steps, refine_lr)
     disp = outputs["disp"]
-    jac = metrics.jacobian_determinant(disp).astype(np.float32)
 
     fixed_lab = inputs["fixed_labels"]
     brain = None if fixed_lab is None or not np.any(fixed_lab > 0) else fixed_lab > 0
-    fold = metrics.folding(disp, mask=brain)
+    stats, jac = deformation_stats(disp, mask=brain)
     summary = {
         "model": {"name": config["name"], "directory": source_dir,
                   "saved_input_shape": source_config["input_shape"],
@@ -456,11 +478,7 @@ def register(model, moving_path, fixed_path, out_dir, moving_labels=None, fixed_
         "voxel_size_mm": [float(z) for z in fixed_img.header.get_zooms()[:3]],
         "device": _device_name(),
         "time_s": seconds,
-        "folding": fold,
-        "sdlogj": metrics.sd_log_jacobian(disp),
-        "sdlogj_in_mask": None if brain is None else metrics.sd_log_jacobian(disp, mask=brain),
-        "jacobian": {"min": float(jac.min()), "max": float(jac.max())},
-        "max_displacement_vox": float(np.sqrt(np.sum(disp ** 2, axis=-1)).max()),
+        **stats,
         "resampled": resampled,
         "normalised": {"moving": moving_normalised, "fixed": fixed_normalised},
         "padding": None if not any(b or a for b, a in pad) else [list(p) for p in pad],
@@ -473,17 +491,131 @@ def register(model, moving_path, fixed_path, out_dir, moving_labels=None, fixed_
         summary["refine"] = {key: info[key] for key in ("steps", "seconds", "loss_before",
                                                          "loss_after", "lr")}
     if "inverse_disp" in outputs:
-        summary["inverse"] = {"folding": metrics.folding(outputs["inverse_disp"]),
-                              "sdlogj": metrics.sd_log_jacobian(outputs["inverse_disp"])}
+        inverse, _ = deformation_stats(outputs["inverse_disp"])
+        summary["inverse"] = {"folding": inverse["folding"], "sdlogj": inverse["sdlogj"]}
 
-    warped_lab = None
+    volumes = {"warped": outputs["warped"], "disp": disp, "jacobian_det": jac}
+    if "inverse_disp" in outputs:
+        volumes["inverse_disp"] = outputs["inverse_disp"]
     if moving_lab is not None:
-        warped_lab = warp_labels(moving_lab, disp)
+        volumes["warped_labels"] = warp_labels(moving_lab, disp)
         if fixed_lab is not None:
-            per_label, mean = metrics.dice(fixed_lab, warped_lab)
-            _, mean_before = metrics.dice(fixed_lab, moving_lab)
-            summary["dice"] = {"mean": mean, "per_label": per_label, "before": mean_before}
+            summary["dice"] = dice_summary(fixed_lab, moving_lab, volumes["warped_labels"])
 
+    def draw_figure(path):
+        save_figure(path, fixed, moving, outputs["warped"], disp, jac,
+                    title=f"{config['name']}: {os.path.basename(os.fspath(moving_path))} -> "
+                          f"{os.path.basename(os.fspath(fixed_path))}")
+
+    return write_outputs(out_dir, volumes, fixed_img, summary,
+                         figure=draw_figure if figure else None, started=started)
+
+
+# ------------------------------------------------------------------------------------------------
+# Outputs (shared with mdregnet.cohort)
+# ------------------------------------------------------------------------------------------------
+def deformation_stats(disp, mask=None, jac=None):
+    """Folding, SDlogJ and extremes of one displacement field, from ONE Jacobian determinant.
+
+    The numbers are those of `metrics.folding(disp, mask)` and `metrics.sd_log_jacobian(disp)`
+    (same definitions: folded where `det <= 0`; `std(log(clip(det, *metrics.SDLOGJ_CLIP)))`),
+    computed from a single determinant instead of one per metric.
+
+    Args:
+        disp: `(X, Y, Z, 3)` displacement in voxels (float).
+        mask: optional `(X, Y, Z)` bool brain mask (the fixed image's labels > 0), not empty.
+        jac: optional precomputed `det(I + grad disp)` `(X, Y, Z)`, e.g. float32 from
+            `metrics.jacobian_determinant_tf` (then the numbers agree with the float64 ones to
+            float32 round-off); None computes it with `metrics.jacobian_determinant` (float64).
+
+    Returns:
+        `(stats, jac32)`: `stats` a dict with 'folding' (count, percent and, with a mask,
+        count_in_mask, percent_in_mask), 'sdlogj', 'sdlogj_in_mask' (None without a mask),
+        'jacobian' {min, max} and 'max_displacement_vox'; `jac32` the determinant as float32
+        `(X, Y, Z)` (what jacobian_det.nii.gz holds).
+
+    Raises:
+        ValueError: a field that is not `(X, Y, Z, 3)`, or a mask of another shape.
+    """
+    disp = np.asarray(disp)
+    if disp.ndim != 4 or disp.shape[-1] != 3:
+        raise ValueError(f"deformation_stats needs a (X, Y, Z, 3) displacement, got {disp.shape}")
+    det = metrics.jacobian_determinant(disp) if jac is None else np.asarray(jac, np.float64)
+    if det.shape != disp.shape[:-1]:
+        raise ValueError(f"jacobian shape {det.shape} does not match the field's "
+                         f"{disp.shape[:-1]}")
+    jac32 = det.astype(np.float32)
+    folded = det <= 0
+    fold = {"count": int(folded.sum()), "percent": 100.0 * float(folded.mean())}
+    log_det = np.log(np.clip(det, *metrics.SDLOGJ_CLIP))
+    sdlogj_in_mask = None
+    if mask is not None:
+        inside = np.asarray(mask) != 0
+        if inside.shape != det.shape:
+            raise ValueError(f"mask shape {inside.shape} differs from the field's {det.shape}")
+        n_inside = int(inside.sum())
+        if n_inside == 0:
+            raise ValueError("mask is empty")
+        count = int((folded & inside).sum())
+        fold["count_in_mask"] = count
+        fold["percent_in_mask"] = 100.0 * count / n_inside
+        sdlogj_in_mask = float(np.std(log_det[inside]))
+    stats = {
+        "folding": fold,
+        "sdlogj": float(np.std(log_det)),
+        "sdlogj_in_mask": sdlogj_in_mask,
+        "jacobian": {"min": float(jac32.min()), "max": float(jac32.max())},
+        "max_displacement_vox": float(np.sqrt(np.sum(disp ** 2, axis=-1)).max()),
+    }
+    return stats, jac32
+
+
+def dice_summary(fixed_labels, moving_labels, warped_labels):
+    """Dice of the warped moving labels against the fixed labels, and before registration.
+
+    Args:
+        fixed_labels, moving_labels, warped_labels: `(X, Y, Z)` integer label maps on one grid.
+
+    Returns:
+        dict 'mean' (over the labels present in `fixed_labels`, background excluded),
+        'per_label' {label: Dice}, 'before' (mean Dice of the unwarped moving labels).
+    """
+    per_label, mean = metrics.dice(fixed_labels, warped_labels)
+    _, mean_before = metrics.dice(fixed_labels, moving_labels)
+    return {"mean": mean, "per_label": per_label, "before": mean_before}
+
+
+def write_outputs(out_dir, volumes, fixed_img, summary, files=OUTPUT_FILES, figure=None,
+                  started=None):
+    """Writes one registration's files and its summary.json into `out_dir`, all or nothing.
+
+    Everything is written into a temporary folder beside `out_dir` (each file through
+    `io.atomic_write`) and then moved in, summary.json last (`_publish`): an exception, or an
+    interruption, at any point leaves none of this call's files in `out_dir` (a folder it created
+    is removed again), and a folder that holds summary.json holds every output listed in it.
+
+    Args:
+        out_dir: output folder (created; its parent too).
+        volumes: numpy arrays on the fixed grid: 'warped' `(X, Y, Z)` float, 'disp'
+            `(X, Y, Z, 3)` voxels, 'jacobian_det' `(X, Y, Z)`, and optionally 'inverse_disp'
+            `(X, Y, Z, 3)` voxels and 'warped_labels' `(X, Y, Z)` integers.
+        fixed_img: the fixed image (nibabel): every file gets its affine and header.
+        summary: dict for summary.json; 'outputs' (name -> final path) and, with `started`,
+            'total_time_s' are added. Numpy values are converted (`jsonable`).
+        files: the names of `OUTPUT_FILES` to write; each is written when its data is there
+            (the `*_itk.nii.gz` exports with their field, figure.png with `figure`);
+            summary.json is always written.
+        figure: None, or `figure(path)` writing figure.png.
+        started: `time.perf_counter()` value the total time is counted from, or None.
+
+    Returns:
+        The summary as written (JSON types).
+
+    Raises:
+        OSError: a file cannot be written; ValueError: values that do not fit their dtype.
+        No temporary file or folder is left behind in either case.
+    """
+    wanted = set(files)
     out_dir = os.path.abspath(os.fspath(out_dir))
     final = {name: os.path.join(out_dir, name) for name in OUTPUT_FILES}
     parent = os.path.dirname(out_dir)
@@ -496,25 +628,32 @@ def register(model, moving_path, fixed_path, out_dir, moving_labels=None, fixed_
             return os.path.join(staging, name)
 
         affine, header = fixed_img.affine, fixed_img.header
-        io.save_volume(stage("warped.nii.gz"), outputs["warped"], affine, header,
-                       dtype=np.float32)
-        io.save_volume(stage("disp.nii.gz"), disp, affine, header, dtype=np.float32)
-        io.save_displacement_itk(stage("disp_itk.nii.gz"), disp, affine, header)
-        if "inverse_disp" in outputs:
-            io.save_volume(stage("inverse_disp.nii.gz"), outputs["inverse_disp"], affine, header,
+        if "warped.nii.gz" in wanted:
+            io.save_volume(stage("warped.nii.gz"), volumes["warped"], affine, header,
                            dtype=np.float32)
-            io.save_displacement_itk(stage("inverse_disp_itk.nii.gz"), outputs["inverse_disp"],
-                                     affine, header)
-        io.save_volume(stage("jacobian_det.nii.gz"), jac, affine, header, dtype=np.float32)
-        if warped_lab is not None:
-            io.save_volume(stage("warped_labels.nii.gz"), warped_lab, affine, header,
-                           dtype=np.int32)
-        if figure:
-            save_figure(stage("figure.png"), fixed, moving, outputs["warped"], disp, jac,
-                        title=f"{config['name']}: {os.path.basename(os.fspath(moving_path))} -> "
-                              f"{os.path.basename(os.fspath(fixed_path))}")
+        if "disp.nii.gz" in wanted:
+            io.save_volume(stage("disp.nii.gz"), volumes["disp"], affine, header,
+                           dtype=np.float32)
+        if "disp_itk.nii.gz" in wanted:
+            io.save_displacement_itk(stage("disp_itk.nii.gz"), volumes["disp"], affine, header)
+        if "inverse_disp" in volumes:
+            if "inverse_disp.nii.gz" in wanted:
+                io.save_volume(stage("inverse_disp.nii.gz"), volumes["inverse_disp"], affine,
+                               header, dtype=np.float32)
+            if "inverse_disp_itk.nii.gz" in wanted:
+                io.save_displacement_itk(stage("inverse_disp_itk.nii.gz"),
+                                         volumes["inverse_disp"], affine, header)
+        if "jacobian_det.nii.gz" in wanted:
+            io.save_volume(stage("jacobian_det.nii.gz"), volumes["jacobian_det"], affine, header,
+                           dtype=np.float32)
+        if volumes.get("warped_labels") is not None and "warped_labels.nii.gz" in wanted:
+            io.save_volume(stage("warped_labels.nii.gz"), volumes["warped_labels"], affine,
+                           header, dtype=np.int32)
+        if figure is not None and "figure.png" in wanted:
+            figure(stage("figure.png"))
         summary["outputs"] = {name: final[name] for name in written + ["summary.json"]}
-        summary["total_time_s"] = time.perf_counter() - started
+        if started is not None:
+            summary["total_time_s"] = time.perf_counter() - started
         summary = jsonable(summary)
         text = json.dumps(summary, indent=2, sort_keys=True, allow_nan=False) + "\n"
 
@@ -638,7 +777,20 @@ def preprocess_pair(moving_path, fixed_path, work_dir, model, template="mni152",
 
 
 def run_from_flags(fv=FLAGS):
-    """The command line's work, reading parsed flags `fv`; returns the summary."""
+    """The command line's work, reading parsed flags `fv`.
+
+    Returns:
+        The summary of one registration, or in cohort mode (`--moving_dir` / `--subjects_dir`)
+        the `mdregnet.cohort.CohortReport`.
+    """
+    from mdregnet import cohort  # cohort imports this module
+
+    if cohort.requested(fv):
+        return cohort.run_from_flags(fv)
+    for name in cohort.COHORT_ONLY_FLAGS:
+        if fv[name].present:
+            raise app.UsageError(f"--{name} is for cohort mode (--moving_dir with --fixed, or "
+                                 "--subjects_dir with --atlas and --atlas_labels)")
     moving, fixed = fv.moving, fv.fixed
     moving_labels, fixed_labels = fv.moving_labels, fv.fixed_labels
     if bool(moving) != bool(fixed):
@@ -692,10 +844,15 @@ def run_from_flags(fv=FLAGS):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from mdregnet import cohort
+
     try:
-        run_from_flags(FLAGS)
+        result = run_from_flags(FLAGS)
     except (OSError, ValueError) as err:  # io.InvalidInputError is a ValueError
         sys.exit(f"mdregnet.infer: error: {err}")
+    if isinstance(result, cohort.CohortReport) and result.n_failed:
+        sys.exit(f"mdregnet.infer: {result.n_failed} of {len(result.rows)} subjects failed "
+                 f"(see {result.csv_path})")
 
 
 if __name__ == "__main__":
