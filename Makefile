@@ -68,4 +68,4 @@ eval-malc:
 # shipped models, with and without test-time refinement, on the IXI validation pairs.
 compare: prepare-ixi
 	$(PY) experiments/compare.py --data_dir $(IXI_PREP) --subjects experiments/splits/ixi_val.txt \
-	    --template_seed 0 --out results/compare
+	    --template_seed 0 --refine_steps 0,20 --out results/compare
