@@ -803,7 +803,7 @@ def run_from_flags(fv=FLAGS):
         print(f"no --moving/--fixed: registering the embedded default pair, Colin27 "
               f"({moving}) to the MNI152 2009a brain ({fixed})")
     out = fv.out or "mdregnet_out"
-    if bool(moving_labels) != bool(fixed_labels):
+    if bool(fv.moving_labels) != bool(fixed_labels):  # the default pair's atlas needs no note
         print("note: Dice needs both --moving_labels and --fixed_labels; "
               + ("warping the moving labels only" if moving_labels else
                  "the fixed labels give the brain mask for folding only"))
