@@ -415,6 +415,29 @@ def bidirectional(similarity, fixed, moving, warped_moving, warped_fixed):
     return similarity(fixed, warped_moving) + similarity(moving, warped_fixed)
 
 
+def pair_similarity(similarity, fixed, moving, warped_moving, warped_fixed=None):
+    """The similarity loss of a pair: `bidirectional` when `warped_fixed` is given, else the
+    forward term `similarity(fixed, warped_moving)` alone.
+
+    Args:
+        similarity: callable `(y_true, y_pred) -> scalar`, a loss to minimise (e.g. `NCC()`).
+        fixed, moving, warped_moving: `(B, *spatial, C)` images (see `bidirectional`).
+        warped_fixed: the fixed image warped onto the moving grid by the inverse transform, or
+            None for a one-directional loss.
+
+    Returns:
+        Scalar tensor.
+
+    References:
+        MDReg-Net, Methods (the bidirectional objective); VoxelMorph (Dalca et al. 2019) for the
+        forward-only form.
+    """
+    if warped_fixed is None:
+        return similarity(fixed, warped_moving)
+    return bidirectional(similarity, fixed=fixed, moving=moving, warped_moving=warped_moving,
+                         warped_fixed=warped_fixed)
+
+
 _LOSSES = {"ncc": NCC, "mse": MSE, "grad": Grad, "jacobian": JacobianPenalty}
 
 

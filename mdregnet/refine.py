@@ -179,13 +179,9 @@ class Refiner:
         leave the part of v that G_sigma damps unpenalised (e.g. voxel-scale oscillations of v
         that still bend exp(v)), and it is not what either paper's R(v) measures.
         """
-        if self.bidirectional:
-            sim = losses.bidirectional(self.similarity, fixed=fixed, moving=moving,
-                                       warped_moving=outputs["warped"],
-                                       warped_fixed=outputs["warped_fixed"])
-        else:
-            sim = self.similarity(fixed, outputs["warped"])
-        sim = self.sim_weight * sim
+        sim = self.sim_weight * losses.pair_similarity(
+            self.similarity, fixed, moving, outputs["warped"],
+            outputs["warped_fixed"] if self.bidirectional else None)
         grad = self.regulariser(None, outputs["velocity"])
         return tf.cast(sim + self.lam * grad, tf.float32), {"sim": sim, "grad": grad}
 

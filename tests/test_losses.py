@@ -354,3 +354,16 @@ def test_losses_train_a_keras_model():
     y = {"warped": x[..., :1], "field": np.zeros((4, 16, 16, 2), np.float32)}
     history = model.fit(x, y, epochs=2, batch_size=2, verbose=0)
     assert np.all(np.isfinite(history.history["loss"]))
+
+
+def test_pair_similarity_is_forward_only_without_the_inverse_image():
+    rng = np.random.default_rng(7)
+    fixed, moving, warped, warped_fixed = (
+        tf.constant(rng.random((1, 12, 12, 12, 1)), tf.float32) for _ in range(4))
+    ncc = losses.NCC()
+    forward = float(ncc(fixed, warped))
+    both = float(losses.bidirectional(ncc, fixed, moving, warped, warped_fixed))
+    assert float(losses.pair_similarity(ncc, fixed, moving, warped)) == pytest.approx(forward)
+    assert float(losses.pair_similarity(ncc, fixed, moving, warped, warped_fixed)) == \
+        pytest.approx(both)
+    assert abs(both - forward) > 1e-3  # the inverse term is really added

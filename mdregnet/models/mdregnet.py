@@ -210,12 +210,9 @@ class MultiLevelObjective:
             else:
                 grid = self.depth - level
                 fix, mov, suffix = fixed_pyr[grid], moving_pyr[grid], f"_level{level}"
-            if self.bidirectional:
-                sim = losses.bidirectional(self.similarity, fixed=fix, moving=mov,
-                                           warped_moving=outputs["warped" + suffix],
-                                           warped_fixed=outputs["warped_fixed" + suffix])
-            else:
-                sim = self.similarity(fix, outputs["warped" + suffix])
+            sim = losses.pair_similarity(
+                self.similarity, fix, mov, outputs["warped" + suffix],
+                outputs["warped_fixed" + suffix] if self.bidirectional else None)
             grad = self.regulariser(None, outputs[f"velocity_level{level}"])
             terms[f"sim_level{level}"] = sim
             terms[f"grad_level{level}"] = grad

@@ -126,12 +126,8 @@ class VoxelMorphObjective:
         self.regulariser = losses.Grad(penalty)
 
     def __call__(self, moving, fixed, outputs):
-        if self.bidirectional:
-            sim = losses.bidirectional(self.similarity, fixed=fixed, moving=moving,
-                                       warped_moving=outputs["warped"],
-                                       warped_fixed=outputs["warped_fixed"])
-        else:
-            sim = self.similarity(fixed, outputs["warped"])
+        sim = losses.pair_similarity(self.similarity, fixed, moving, outputs["warped"],
+                                     outputs["warped_fixed"] if self.bidirectional else None)
         grad = self.regulariser(None, outputs["velocity"])
         total = tf.cast(sim + self.lam * grad, tf.float32)
         return total, {"sim": sim, "grad": grad}
