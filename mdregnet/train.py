@@ -119,6 +119,25 @@ class ConfigError(ValueError):
     """A setting of the run is wrong or contradicts the run being resumed (one clear line)."""
 
 
+class OutputError(OSError):
+    """The run directory cannot be written (missing parent, not a folder, read-only, disk full).
+
+    Nothing half-written is left: a checkpoint that failed is removed, the previous complete one
+    stays the latest (the message names it)."""
+
+
+class WorkerLostError(RuntimeError):
+    """Multi-worker training lost contact with another worker (killed, preempted, network).
+
+    Every worker stops; the chief's last complete checkpoint is intact. Restart every worker with
+    the same command (and TF_CONFIG) to resume from it. `python -m mdregnet.train` exits with
+    `EXIT_WORKER_LOST` (75, EX_TEMPFAIL: try again) so a scheduler can restart the job."""
+
+
+#: Exit status of `python -m mdregnet.train` when a worker of the cluster was lost.
+EXIT_WORKER_LOST = 75
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """Every setting of a training run (the flags of `python -m mdregnet.train`, same names).
@@ -417,6 +436,43 @@ def load_data(cfg, divisor, with_validation=True):
 
 
 # ------------------------------------------------------------------------------------------------
+# Run directory
+# ------------------------------------------------------------------------------------------------
+def _make_writable_dir(path, what="--workdir"):
+    """Creates folder `path` (and parents) and checks a file can be written there.
+
+    Raises:
+        OutputError: naming `path` and why (a parent is a file, read-only, disk full, ...).
+    """
+    import tempfile
+
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path) as probe:
+            probe.write(b"\0" * 4096)
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as err:
+        raise OutputError(f"{what} {path}: cannot write there ({err.strerror or err})") \
+            from None
+
+
+def _remove_partial_checkpoint(prefix):
+    """Removes the files of a checkpoint whose save failed (`prefix.*`, TF's `prefix_temp*`)."""
+    import glob
+    import shutil
+
+    for path in glob.glob(glob.escape(prefix) + ".*") + glob.glob(glob.escape(prefix) + "_temp*"):
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            try:
+                os.remove(path)
+            except OSError:
+                pass
+
+
+# ------------------------------------------------------------------------------------------------
 # Run config next to the checkpoints
 # ------------------------------------------------------------------------------------------------
 def _read_run_config(path):
@@ -653,6 +709,18 @@ def _read(variable):
     return float(tf.convert_to_tensor(getattr(variable, "value", variable)).numpy())
 
 
+def _COLLECTIVE_ERRORS(tf):
+    """The errors a collective op raises when a peer worker is gone or the cluster is aborted."""
+    return (tf.errors.UnavailableError, tf.errors.CancelledError, tf.errors.AbortedError,
+            tf.errors.DeadlineExceededError)
+
+
+def _first_line(err):
+    text = (getattr(err, "message", None) or str(err)).strip()
+    text = text.split("\n")[0]
+    return text[:300]
+
+
 def _format_eta(seconds):
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
@@ -681,6 +749,10 @@ def train(config, step_callback=None):
         ConfigError: a wrong setting, a data shape the model cannot take, or checkpoints of
             another model/hyper-parameters in `workdir`.
         mdregnet.io.InvalidInputError / FileNotFoundError: unusable data.
+        OutputError: the run directory cannot be written (before training starts), or a
+            checkpoint could not be written (disk full, ...): its partial files are removed and
+            the message names the last complete checkpoint.
+        WorkerLostError: multi-worker training lost another worker (see the class).
         FloatingPointError: the loss became NaN/Inf (not in mixed precision, where the loss
             scale skips such steps).
     """
@@ -719,7 +791,8 @@ def train(config, step_callback=None):
                               "they belong to this model; use another --workdir")
         _check_resumable(config_path, _read_run_config(config_path), cfg.model, hparams,
                          settings)
-    os.makedirs(ckpt_dir, exist_ok=True)
+    _make_writable_dir(cfg.workdir, "--workdir")
+    _make_writable_dir(ckpt_dir, "--workdir's checkpoint folder")
     save_dir = ckpt_dir if is_chief else os.path.join(ckpt_dir, f".worker{task_id}")
 
     # ---- model, optimizer, checkpoint: all under the strategy's scope
@@ -787,8 +860,15 @@ def train(config, step_callback=None):
 
     def save_checkpoint(step):
         step_var.assign(step)
-        path = manager.save(checkpoint_number=step)
-        return path
+        try:
+            return manager.save(checkpoint_number=step)
+        except (OSError, tf.errors.OpError) as err:
+            _remove_partial_checkpoint(os.path.join(save_dir, f"ckpt-{step}"))
+            reason = getattr(err, "message", None) or getattr(err, "strerror", None) or str(err)
+            raise OutputError(f"{save_dir}: cannot write the checkpoint of step {step} "
+                              f"({reason.splitlines()[0] if reason else type(err).__name__}); "
+                              f"the last complete checkpoint is "
+                              f"{tf.train.latest_checkpoint(save_dir) or 'none'}") from None
 
     def run_validation(step):
         metrics_, slices = validate(predict, val["images"], val["labels"], val["pairs"])
@@ -819,7 +899,16 @@ def train(config, step_callback=None):
         if val and start_step == 0 and start_step < cfg.steps:
             run_validation(0)
         while step < cfg.steps and stop.signum is None:
-            total, terms = train_step(next(batches))
+            try:
+                total, terms = train_step(next(batches))
+            except _COLLECTIVE_ERRORS(tf) as err:
+                if cfg.strategy != "multi_worker":
+                    raise
+                raise WorkerLostError(
+                    f"worker {task_id}: lost contact with the cluster at step {step + 1} "
+                    f"({type(err).__name__}: {_first_line(err)}); the last complete checkpoint "
+                    f"is {tf.train.latest_checkpoint(ckpt_dir) or 'none'}: restart every worker "
+                    "with the same command to resume from it") from None
             step += 1
             pending.append((total, terms))
             if timer_start is None:  # the first step traces and compiles: time from its end
@@ -899,7 +988,11 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # TF's per-checkpoint INFO lines drown the progress
     try:
         summary = train(config_from_flags(FLAGS))
-    except (ConfigError, io.InvalidInputError, FileNotFoundError) as err:
+    except WorkerLostError as err:
+        print(f"mdregnet.train: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_WORKER_LOST)
+    except (ConfigError, io.InvalidInputError, OSError) as err:
+        # OSError: FileNotFoundError of the data, OutputError of the run directory.
         sys.exit(f"mdregnet.train: error: {err}")
     if summary["interrupted"]:  # the conventional status of a process ended by that signal
         sys.exit(128 + int(getattr(signal, summary["signal"])))
