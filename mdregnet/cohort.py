@@ -755,6 +755,7 @@ def run_from_flags(fv):
     model_dir = fv.model or infer.default_model_dir()
     subjects = find_cohort(image_dir, fv.labels_dir, fv.subjects)
     out = fv.out or "mdregnet_out"
+    io.check_output_dir(out)  # before the model is built and the first batch runs
     with_labels = sum(1 for s in subjects if s.labels)
     what = (f"registration to {reference}" if mode == TO_TEMPLATE
             else f"propagation of {reference_labels}")

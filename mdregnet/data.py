@@ -68,6 +68,9 @@ def _read_id_list(path):
     except OSError as err:
         raise io.InvalidInputError(f"{path}: cannot read the subject list "
                                    f"({err.strerror or err})") from None
+    except UnicodeDecodeError as err:
+        raise io.InvalidInputError(f"{path}: not a text file of subject ids (not UTF-8: "
+                                   f"{err.reason} at byte {err.start})") from None
     ids = [_strip_ext(os.path.basename(line.split("#", 1)[0].strip())) for line in lines]
     ids = [i for i in ids if i]
     if not ids:

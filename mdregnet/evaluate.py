@@ -33,7 +33,9 @@ import csv
 from io import StringIO
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -323,9 +325,23 @@ def summary_markdown(summary):
     return "\n".join(lines) + "\n"
 
 
+REPORT_FILES = ("dice_per_pair.csv", "dice_per_label.csv", "summary.md", "summary.json")
+
+
 def write_report(out_dir, rows, summary):
-    """Writes dice_per_pair.csv, dice_per_label.csv, summary.md and summary.json (atomically)."""
-    os.makedirs(out_dir, exist_ok=True)
+    """Writes dice_per_pair.csv, dice_per_label.csv, summary.md and summary.json, all or none.
+
+    The four files are written (each through `io.atomic_write`) into a temporary folder beside
+    `out_dir` and then moved in: a failure at any point (a full disk, an unwritable folder)
+    leaves none of them, and no temporary file, behind; a folder this call created is removed.
+
+    Returns:
+        dict file name -> final path.
+
+    Raises:
+        OSError: `out_dir` is not a writable folder or a file cannot be written; the message
+            names the final path.
+    """
     inverse = bool(summary.get("opposite_direction"))
     columns = PAIR_COLUMNS + (INVERSE_COLUMNS if inverse else ())
     pair_csv = _csv_text(columns, [[row.get(c) for c in columns] for row in rows])
@@ -346,17 +362,47 @@ def write_report(out_dir, rows, summary):
                            allow_nan=False) + "\n"
     texts = {"dice_per_pair.csv": pair_csv, "dice_per_label.csv": label_csv,
              "summary.md": summary_markdown(summary), "summary.json": json_text}
-    paths = {}
-    for name, text in texts.items():
-        path = os.path.join(out_dir, name)
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    io.check_output_dir(out_dir)
+    parent = os.path.dirname(out_dir)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    except OSError as err:
+        raise OSError(err.errno, f"{out_dir}: cannot create the output folder "
+                                 f"({err.strerror or err})") from err
+    created = not os.path.isdir(out_dir)
+    moved = []
+    try:
+        for name, text in texts.items():
+            def write(tmp, text=text):
+                with open(tmp, "w", encoding="utf-8") as f:
+                    f.write(text)
 
-        def write(tmp, text=text):
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(text)
-
-        io.atomic_write(path, write)
-        paths[name] = path
-    return paths
+            io.atomic_write(os.path.join(staging, name), write)
+        os.makedirs(out_dir, exist_ok=True)
+        for name in texts:
+            os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+            moved.append(name)
+    except BaseException as err:
+        for name in moved:
+            try:
+                os.remove(os.path.join(out_dir, name))
+            except OSError:
+                pass
+        if created:
+            try:
+                os.rmdir(out_dir)
+            except OSError:
+                pass
+        relocated = io.relocated_error(err, staging, out_dir) if isinstance(err, Exception) \
+            else err
+        if relocated is err:
+            raise
+        raise relocated from err
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {name: os.path.join(out_dir, name) for name in texts}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -367,6 +413,7 @@ def run_from_flags(fv=FLAGS):
     for name in ("model", "data_dir", "out"):
         if not fv[name].value:
             raise app.UsageError(f"--{name} is required")
+    io.check_output_dir(fv.out)  # fail now, not after every pair has been registered
     infer.set_device(fv.device)
     subjects = data.find_subjects(os.path.join(fv.data_dir, "images"),
                                   os.path.join(fv.data_dir, "labels"), subjects=fv.subjects)
@@ -395,7 +442,7 @@ def main(argv):
     try:
         run_from_flags(FLAGS)
     except (OSError, ValueError) as err:  # io.InvalidInputError is a ValueError
-        sys.exit(f"mdregnet.evaluate: error: {err}")
+        sys.exit(f"mdregnet.evaluate: error: {' '.join(str(err).split())}")
 
 
 if __name__ == "__main__":

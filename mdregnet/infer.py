@@ -433,11 +433,14 @@ def register(model, moving_path, fixed_path, out_dir, moving_labels=None, fixed_
 
     Raises:
         io.InvalidInputError: an input file is unreadable or invalid (the message names it).
-        FileNotFoundError / ValueError: a bad model directory or a model that cannot take the
-            images (or, with `refine_steps`, has no velocity field). In every case nothing is
-            left in `out_dir`.
+        FileNotFoundError / ValueError: a bad model directory (`models.load`: the message names
+            the file) or a model that cannot take the images (or, with `refine_steps`, has no
+            velocity field).
+        OSError: `out_dir` is not a writable folder (checked first), or an output cannot be
+            written (e.g. the disk is full). In every case nothing is left in `out_dir`.
     """
     started = time.perf_counter()
+    io.check_output_dir(out_dir)  # fail now, not after the model has run
     source_config, source_dir = model_config(model)
     inputs = _load_inputs(moving_path, fixed_path, moving_labels, fixed_labels)
     fixed_img, moving_img = inputs["fixed_img"], inputs["moving_img"]
@@ -612,15 +615,21 @@ def write_outputs(out_dir, volumes, fixed_img, summary, files=OUTPUT_FILES, figu
         The summary as written (JSON types).
 
     Raises:
-        OSError: a file cannot be written; ValueError: values that do not fit their dtype.
-        No temporary file or folder is left behind in either case.
+        OSError: `out_dir` is not usable (`io.check_output_dir`) or a file cannot be written
+            (e.g. ENOSPC); ValueError: values that do not fit their dtype. The message names the
+            final path in `out_dir`. No temporary file or folder is left behind in either case.
     """
     wanted = set(files)
     out_dir = os.path.abspath(os.fspath(out_dir))
     final = {name: os.path.join(out_dir, name) for name in OUTPUT_FILES}
     parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    io.check_output_dir(out_dir)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    except OSError as err:
+        raise OSError(err.errno, f"{out_dir}: cannot create the output folder "
+                                 f"({err.strerror or err})") from err
     written = []
     try:
         def stage(name):
@@ -663,6 +672,11 @@ def write_outputs(out_dir, volumes, fixed_img, summary, files=OUTPUT_FILES, figu
 
         io.atomic_write(stage("summary.json"), write_json)
         _publish(staging, out_dir, written)
+    except (OSError, ValueError) as err:
+        relocated = io.relocated_error(err, staging, out_dir)
+        if relocated is err:
+            raise
+        raise relocated from err
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return summary
@@ -849,7 +863,7 @@ def main(argv):
     try:
         result = run_from_flags(FLAGS)
     except (OSError, ValueError) as err:  # io.InvalidInputError is a ValueError
-        sys.exit(f"mdregnet.infer: error: {err}")
+        sys.exit(f"mdregnet.infer: error: {' '.join(str(err).split())}")
     if isinstance(result, cohort.CohortReport) and result.n_failed:
         sys.exit(f"mdregnet.infer: {result.n_failed} of {len(result.rows)} subjects failed "
                  f"(see {result.csv_path})")

@@ -10,11 +10,13 @@ are float32, label maps int32; displacement files written here are in voxels, ex
 (`save_displacement_itk`), which is in millimetres, LPS, shape `(X, Y, Z, 1, 3)`, intent 1007.
 """
 
+import errno
 import gzip
+import io as _pyio
+import math
 import os
 import re
 import tempfile
-import zlib
 
 import nibabel as nib
 import numpy as np
@@ -22,6 +24,10 @@ import numpy as np
 KINDS = ("image", "labels", "field")
 NIFTI_INTENT_VECTOR = 1007
 _NIFTI_CLASSES = (nib.Nifti1Image, nib.Nifti2Image)
+#: Largest accepted gap between a header and its data (header extensions): bytes.
+_MAX_DATA_OFFSET = 256 * 2**20
+#: Largest accepted amount of decompressed bytes after the data a header announces.
+_MAX_TRAILING_BYTES = 64 * 2**20
 
 
 class InvalidInputError(ValueError):
@@ -71,10 +77,13 @@ def _open_nifti(path):
         raise MissingFileError(f"{path}: no such file")
     if os.path.isdir(path):
         raise InvalidInputError(f"{path}: is a directory, not a NIfTI file")
+    if not os.path.isfile(path):
+        raise InvalidInputError(f"{path}: not a regular file (a device, pipe or socket?)")
     try:
         img = nib.load(path)
-    except (nib.filebasedimages.ImageFileError, EOFError, zlib.error, gzip.BadGzipFile, OSError,
-            ValueError) as err:
+    except MemoryError:
+        raise
+    except Exception as err:  # nibabel raises many types (ImageFileError, HeaderDataError, ...)
         name = os.path.basename(path).lower()
         if not name.endswith((".nii", ".nii.gz", ".hdr", ".img", ".hdr.gz", ".img.gz")):
             raise InvalidInputError(f"{path}: not a NIfTI file (expected a .nii or .nii.gz file; "
@@ -87,12 +96,74 @@ def _open_nifti(path):
     return img
 
 
+def _check_header(img, path):
+    """Refuses data types that are not real numbers and unusable voxel-to-world matrices."""
+    dtype = img.header.get_data_dtype()
+    if dtype.kind not in "biuf" or dtype.fields is not None:
+        raise InvalidInputError(f"{path}: data type {dtype} is not a real number type (complex or "
+                                "RGB data cannot be registered)")
+    affine = np.asarray(img.affine, np.float64)
+    if affine.shape != (4, 4) or not np.isfinite(affine).all():
+        raise InvalidInputError(f"{path}: the affine (voxel-to-world matrix) has NaN or Inf "
+                                "entries; fix the header's sform/qform")
+    norms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    if not (norms > 0).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-6 * np.prod(norms):
+        raise InvalidInputError(f"{path}: degenerate affine (voxel size {_fmt_vec(norms)} mm, "
+                                "zero or collinear axes); fix the header's sform/qform/pixdim")
+
+
+def _read_gzip(filename, expected, path):
+    """The first `expected` decompressed bytes of `filename`, after checking that the whole gzip
+    stream is complete and intact (its CRC and length), without holding more than `expected`
+    bytes (and refusing more than `_MAX_TRAILING_BYTES` after them)."""
+    with gzip.open(filename, "rb") as f:
+        raw = f.read(expected)
+        if len(raw) < expected:
+            raise InvalidInputError(f"{path}: truncated or corrupt data (the header announces "
+                                    f"{expected} bytes with the header, the file decompresses to "
+                                    f"{len(raw)})")
+        trailing = 0
+        while True:
+            chunk = f.read(2**20)
+            if not chunk:
+                break
+            trailing += len(chunk)
+            if trailing > _MAX_TRAILING_BYTES:
+                raise InvalidInputError(f"{path}: corrupt: more than {_MAX_TRAILING_BYTES} bytes "
+                                        "follow the data its header announces")
+    return raw
+
+
 def _read_data(img, path, dtype):
+    """The header-scaled data of `img` as `dtype` (None: as stored, or float when scaled).
+
+    A gzip-compressed file is decompressed once, completely, so a truncated or corrupt stream
+    is refused even where the missing part holds no voxel (the gzip trailer); an uncompressed
+    file must be at least as long as its header says.
+    """
+    proxy = img.dataobj  # nibabel's ArrayProxy: shape, dtype, offset and scaling of the data
     try:
+        offset = int(proxy.offset)
+        nbytes = math.prod(int(n) for n in proxy.shape) * np.dtype(proxy.dtype).itemsize
+        if not 0 <= offset <= _MAX_DATA_OFFSET:
+            raise InvalidInputError(f"{path}: corrupt header: data offset {offset} bytes")
+        filename = img.file_map["image"].filename
+        if filename and os.fspath(filename).lower().endswith(".gz"):
+            raw = _read_gzip(filename, offset + nbytes, path)
+            in_memory = nib.arrayproxy.ArrayProxy(
+                _pyio.BytesIO(raw), (proxy.shape, proxy.dtype, offset, proxy.slope, proxy.inter),
+                order=proxy.order)
+            return np.asarray(in_memory, dtype=dtype)
+        if filename and not os.fspath(filename).lower().endswith((".bz2", ".zst")):
+            size = os.path.getsize(filename)
+            if size < offset + nbytes:
+                raise InvalidInputError(f"{path}: truncated or corrupt data (the header announces "
+                                        f"{offset + nbytes} bytes with the header, the file holds "
+                                        f"{size})")
         return np.asarray(img.dataobj, dtype=dtype)
-    except MemoryError:
+    except (InvalidInputError, MemoryError):
         raise
-    except (EOFError, zlib.error, gzip.BadGzipFile, OSError, ValueError) as err:
+    except Exception as err:  # EOFError, zlib.error, BadGzipFile, OSError, ValueError, ...
         raise InvalidInputError(f"{path}: truncated or corrupt data ({_reason(err, path)})") \
             from None
 
@@ -115,8 +186,12 @@ def load_volume(path, kind="image", max_voxels=512**3):
     NIfTI (not another format, not random bytes); its header shape is 3D after dropping trailing
     singleton axes (`(X, Y, Z)` or `(X, Y, Z, 1)`; 2D slices and 4D series are refused), or for a
     field `(X, Y, Z, 3)` / `(X, Y, Z, 1, 3)`; the grid has at most `max_voxels` voxels, checked on
-    the header before any data is read; the data decompresses completely (truncated or corrupt
-    `.nii.gz` files); no voxel is NaN or Inf; an image is not all zero; a label map holds integers.
+    the header before any data is read (a header announcing 4000^3 voxels is refused without
+    allocating anything); the data type is a real number type (not complex, not RGB); the affine
+    is finite and not degenerate (no zero-size or collinear axes); the data decompresses
+    completely, gzip trailer included, and an uncompressed file is as long as its header says
+    (truncated or corrupt files); no voxel is NaN or Inf; an image is not all zero; a label map
+    holds integers that fit in int32.
 
     Args:
         path: a `.nii` or `.nii.gz` file.
@@ -156,10 +231,11 @@ def load_volume(path, kind="image", max_voxels=512**3):
         grid = squeezed
     if min(grid) < 1:
         raise InvalidInputError(f"{path}: empty grid (shape {_fmt_shape(shape)})")
-    n_voxels = int(np.prod(grid, dtype=np.int64))
+    n_voxels = math.prod(grid)  # Python ints: NIfTI-2 sizes can overflow int64
     if n_voxels > max_voxels:
         raise InvalidInputError(f"{path}: grid {_fmt_shape(grid)} has {n_voxels} voxels, more than "
                                 f"max_voxels={max_voxels}; refusing to read it")
+    _check_header(img, path)
 
     if kind == "labels":
         raw = _read_data(img, path, None)
@@ -210,7 +286,8 @@ def check_same_grid(img_a, path_a, img_b, path_b, atol=1e-3):
 
     Raises:
         InvalidInputError: `"{path_b}: not on the same grid as {path_a}: ..."` saying what differs
-            (shape, voxel size, orientation, origin).
+            (shape, voxel size, orientation, origin), or `"{path}: the affine ... is not a finite
+            4x4 matrix"`.
     """
     shape_a = tuple(int(s) for s in img_a.shape[:3])
     shape_b = tuple(int(s) for s in img_b.shape[:3])
@@ -219,14 +296,17 @@ def check_same_grid(img_a, path_a, img_b, path_b, atol=1e-3):
                                 f"{_fmt_shape(shape_b)} vs {_fmt_shape(shape_a)}")
     aff_a = np.asarray(img_a.affine, np.float64)
     aff_b = np.asarray(img_b.affine, np.float64)
+    for aff, path in ((aff_a, path_a), (aff_b, path_b)):
+        if aff.shape != (4, 4) or not np.isfinite(aff).all():
+            raise InvalidInputError(f"{path}: the affine (voxel-to-world matrix) is not a finite "
+                                    "4x4 matrix")
     if not np.allclose(aff_a, aff_b, rtol=0.0, atol=atol):
         diffs = []
         zoom_a = np.sqrt((aff_a[:3, :3] ** 2).sum(axis=0))
         zoom_b = np.sqrt((aff_b[:3, :3] ** 2).sum(axis=0))
         if not np.allclose(zoom_a, zoom_b, rtol=0.0, atol=atol):
             diffs.append(f"voxel size {_fmt_vec(zoom_b)} vs {_fmt_vec(zoom_a)} mm")
-        codes_a = "".join(nib.aff2axcodes(aff_a))
-        codes_b = "".join(nib.aff2axcodes(aff_b))
+        codes_a, codes_b = _axcodes(aff_a), _axcodes(aff_b)
         if codes_a != codes_b:
             diffs.append(f"orientation {codes_b} vs {codes_a}")
         if not np.allclose(aff_a[:3, 3], aff_b[:3, 3], rtol=0.0, atol=atol):
@@ -238,6 +318,14 @@ def check_same_grid(img_a, path_a, img_b, path_b, atol=1e-3):
                                 f"up to {max_diff:.4g} (atol {atol}): " + "; ".join(diffs))
 
 
+def _axcodes(affine):
+    """Orientation letters such as "RAS" ('?' for an axis nibabel cannot name)."""
+    try:
+        return "".join(c or "?" for c in nib.aff2axcodes(affine))
+    except Exception:  # a degenerate matrix  # noqa: BLE001
+        return "???"
+
+
 def _fmt_vec(values):
     return "(" + ", ".join(f"{float(v):.4g}" for v in values) + ")"
 
@@ -245,6 +333,56 @@ def _fmt_vec(values):
 # ------------------------------------------------------------------------------------------------
 # Writing
 # ------------------------------------------------------------------------------------------------
+def check_output_dir(path):
+    """Checks, creating nothing, that `path` is or can become a folder this process writes into.
+
+    Called by the command lines before any long computation, so an unusable `--out` fails at
+    once. (As root, permission bits do not stop writes and are not checked here; the write
+    itself then fails cleanly through `atomic_write`.)
+
+    Args:
+        path: the output folder; it or its nearest existing parent must be a writable directory.
+
+    Raises:
+        NotADirectoryError: `path`, or the nearest existing path above it, is not a directory.
+        PermissionError: that directory is not writable. Messages start with `path`.
+    """
+    path = os.path.abspath(os.fspath(path))
+    probe = path
+    while not os.path.lexists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        where = "it exists and is not a directory" if probe == path else \
+            f"{probe} is not a directory"
+        raise NotADirectoryError(errno.ENOTDIR, f"{path}: cannot write outputs here ({where})")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, f"{path}: cannot write outputs here ({probe} is not "
+                              "writable)")
+
+
+def relocated_error(err, staging, out_dir):
+    """`err` (an OSError or ValueError raised while writing into the temporary folder `staging`)
+    with `staging` replaced by `out_dir` in its message, so a failure names the output the user
+    asked for, not a temporary file that no longer exists. Other errors are returned unchanged.
+    """
+    text = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+    if staging not in text or not isinstance(err, (OSError, ValueError)):
+        return err
+    text = text.replace(staging, out_dir)
+    if isinstance(err, OSError):
+        new = OSError(err.errno, text) if err.errno is not None else OSError(text)
+    else:
+        try:
+            new = type(err)(text)
+        except Exception:  # noqa: BLE001 -- a type with another constructor
+            return err
+    new.__cause__ = err
+    return new
+
+
 def atomic_write(path, write_fn):
     """Writes a file atomically: `write_fn(tmp_path)`, then `os.replace(tmp_path, path)`.
 

@@ -558,9 +558,19 @@ def preprocess_subject(image_path, out_dir, subject_id, label_path=None, mask_pa
         fits16 = out_labels.min() >= 0 and out_labels.max() <= np.iinfo(np.uint16).max
         io.save_volume(outputs["labels"], out_labels, grid.affine, header=header,
                        dtype=np.uint16 if fits16 else np.int32)
-    # The image last: its presence (with the labels) marks the subject as done.
-    os.makedirs(os.path.dirname(outputs["image"]), exist_ok=True)
-    io.save_volume(outputs["image"], out_image, grid.affine, header=header, dtype=np.float32)
+    # The image last: its presence (with the labels) marks the subject as done. If it cannot be
+    # written (disk full, ...), the labels just written go too: no half-done subject is left.
+    try:
+        os.makedirs(os.path.dirname(outputs["image"]), exist_ok=True)
+        io.save_volume(outputs["image"], out_image, grid.affine, header=header,
+                       dtype=np.float32)
+    except BaseException:
+        if outputs["labels"] is not None:
+            try:
+                os.remove(outputs["labels"])
+            except OSError:
+                pass
+        raise
 
     for warning in warnings:
         logging.warning("%s: %s", subject_id, warning)
@@ -801,17 +811,27 @@ def define_flags(flag_values=FLAGS):
 
 
 def _first_template(jobs, mask_dilation):
-    """The first subject that loads, skull-stripped: `(Template, id)`."""
+    """The first subject that loads, skull-stripped: `(Template, id)`.
+
+    Raises:
+        InvalidInputError: no subject loads; the message starts with the first one's error
+            (which names its file).
+    """
+    errors = []
     for job in jobs:
         if job.error is not None:
+            errors.append(job.error)
             continue
         try:
             return load_template(job.image, mask_path=job.mask, label_path=job.labels,
                                  mask_dilation=mask_dilation), job.id
         except (io.InvalidInputError, ValueError) as err:
             logging.warning("cannot use %s as the template: %s", job.id, err)
-    raise io.InvalidInputError("no subject can serve as the template (all failed to load); "
-                               "pass --template")
+            errors.append(" ".join(str(err).split()))
+    first = errors[0] if errors else "no subjects"
+    more = f" (and {len(errors) - 1} more subject(s) failed)" if len(errors) > 1 else ""
+    raise io.InvalidInputError(f"{first}{more}; no subject can serve as the template with "
+                               "--template first; fix it or pass --template")
 
 
 def run_from_flags(fv):
@@ -819,12 +839,14 @@ def run_from_flags(fv):
 
     Raises:
         InvalidInputError, ValueError: bad folders, flags or template (before any subject runs).
+        OSError: `--out` is not a writable folder (checked before any subject runs).
     """
     for name in ("images", "out"):
         if not fv[name].value:
             raise ValueError(f"--{name} is required")
     shape = check_shape(fv.shape)
     spacing = None if fv.spacing is None else _parse_triplet(fv.spacing, "spacing")
+    io.check_output_dir(fv.out)
     jobs = find_jobs(fv.images, fv.labels, fv.masks, fv.subjects)
     if fv.template not in (None, "", "first"):
         path = assets.MNI152_TEMPLATE if fv.template == "mni152" else fv.template
@@ -855,8 +877,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
         return run_from_flags(FLAGS)
-    except (io.InvalidInputError, ValueError) as err:
-        sys.exit(f"mdregnet.preprocess: error: {err}")
+    except (OSError, ValueError) as err:  # io.InvalidInputError is a ValueError
+        sys.exit(f"mdregnet.preprocess: error: {' '.join(str(err).split())}")
 
 
 if __name__ == "__main__":

@@ -9,20 +9,35 @@ model, and builds the matching objective, so training code never branches on the
     outputs = model([moving, fixed])              # dict: 'warped', 'disp', ...
     total, terms = loss_fn(moving, fixed, outputs)
 
-The model's config (method name, input shape, all hyper-parameters) is data: `model.mdregnet_config`,
-written as JSON next to the weights by `save` and read back by `load`, which rebuilds the model by
-calling the registered builder (no pickle, no code from the file is executed).
+The model's config (method name, input shape, all hyper-parameters) is data:
+`model.mdregnet_config`, written as JSON next to the weights by `save` and read back by `load`,
+which validates it (`read_config`: known fields, a registered name, hyper-parameters of the
+defaults' JSON types, a sane input shape), rebuilds the model by calling the registered builder
+and loads the `.weights.h5` arrays after checking they fit it (no pickle, no Keras
+`load_model`, no code from the files is executed).
 """
 
 import json
+import math
+import numbers
 import os
+import uuid
 
-from mdregnet.io import atomic_write
+import numpy as np
+
+from mdregnet.io import InvalidInputError, MissingFileError, atomic_write, relocated_error
 
 _REGISTRY = {}
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.weights.h5"
+CONFIG_FORMAT = "mdregnet-model-1"
+#: The only fields of a model config; anything else (e.g. "__class__", "module") is refused.
+CONFIG_FIELDS = ("format", "name", "input_shape", "hparams", "extra")
+#: Largest accepted config.json, bytes (a config is a few hundred bytes to a few kB).
+MAX_CONFIG_BYTES = 2**20
+#: Largest accepted number of voxels of a model's input grid (as `io.load_volume`'s default).
+MAX_INPUT_VOXELS = 512**3
 
 
 class Method:
@@ -95,11 +110,23 @@ def resolve_hparams(name, **hparams):
 
 
 def check_input_shape(name, input_shape):
-    """Validates a spatial input shape (2D or 3D, divisible by the method's divisor)."""
+    """Validates a spatial input shape: 2 or 3 positive integers, at most `MAX_INPUT_VOXELS`
+    voxels, each divisible by the method's divisor. Returns it as a tuple of ints; ValueError
+    otherwise."""
     method = get_method(name)
-    shape = tuple(int(n) for n in input_shape)
-    if len(shape) not in (2, 3):
-        raise ValueError(f"input_shape must be the 2 or 3 spatial sizes, got {input_shape!r}")
+    try:
+        sizes = list(input_shape)
+    except TypeError:
+        raise ValueError(f"input_shape must be the 2 or 3 spatial sizes, got {input_shape!r}") \
+            from None
+    if len(sizes) not in (2, 3) or not all(
+            isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1 for n in sizes):
+        raise ValueError(f"input_shape must be the 2 or 3 spatial sizes (positive integers), got "
+                         f"{input_shape!r}")
+    shape = tuple(int(n) for n in sizes)
+    if math.prod(shape) > MAX_INPUT_VOXELS:
+        raise ValueError(f"input_shape {shape} has {math.prod(shape)} voxels, more than "
+                         f"{MAX_INPUT_VOXELS}")
     bad = [n for n in shape if n % method.divisor]
     if bad:
         raise ValueError(f"model {name!r} needs spatial sizes divisible by {method.divisor}, got "
@@ -150,20 +177,28 @@ def objective(model_or_name, **hparams):
 def save(model, directory, extra=None):
     """Saves `config.json` (method, input shape, hyper-parameters) and `model.weights.h5`.
 
-    Both files are written under temporary names in `directory` and renamed into place.
+    Both files are first written completely under hidden temporary names in `directory` (each
+    through `atomic_write`) and only then renamed into place, the config last: a failure while
+    writing (a full disk, ...) leaves no new file and no temporary file behind, and an older model
+    in `directory` untouched; a directory this call created is removed again.
 
     Args:
         model: a model made by `build`.
         directory: created if missing.
         extra: optional JSON-serialisable dict stored under 'extra' (e.g. validation numbers).
+
+    Raises:
+        ValueError: `model` was not made by `build`; TypeError: `extra` is not JSON data.
+        OSError: a file cannot be written (the message names the final file).
     """
     if not hasattr(model, "mdregnet_config"):
         raise ValueError("model was not built by mdregnet.models.build (no mdregnet_config)")
-    os.makedirs(directory, exist_ok=True)
+    directory = os.fspath(directory)
     config = dict(model.mdregnet_config)
-    config["format"] = "mdregnet-model-1"
+    config["format"] = CONFIG_FORMAT
     if extra:
         config["extra"] = extra
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"  # fails before anything is written
 
     def write_weights(tmp):
         # Keras insists on the suffix; save beside the temp name then move it onto it.
@@ -175,42 +210,177 @@ def save(model, directory, extra=None):
             if os.path.exists(h5):
                 os.remove(h5)
 
-    atomic_write(os.path.join(directory, WEIGHTS_FILE), write_weights)
-
     def write_config(tmp):
         with open(tmp, "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-            f.write("\n")
+            f.write(text)
 
-    atomic_write(os.path.join(directory, CONFIG_FILE), write_config)
+    created = not os.path.isdir(directory)
+    os.makedirs(directory, exist_ok=True)
+    token = uuid.uuid4().hex[:8]
+    staged = {}
+    try:
+        for name, writer in ((WEIGHTS_FILE, write_weights), (CONFIG_FILE, write_config)):
+            staged[name] = os.path.join(directory, f".tmp-{token}-{name}")
+            try:
+                atomic_write(staged[name], writer)
+            except OSError as err:
+                final = os.path.join(directory, name)
+                raise relocated_error(err, staged[name], final) from err
+        for name in (WEIGHTS_FILE, CONFIG_FILE):
+            os.replace(staged.pop(name), os.path.join(directory, name))
+    except BaseException:
+        for tmp in staged.values():
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+        if created:
+            try:
+                os.rmdir(directory)
+            except OSError:
+                pass
+        raise
+
+
+def _json_kind(value):
+    """'bool', 'int', 'float', 'str', 'list', 'null' or None (not plain JSON data)."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, str):
+        return "str"
+    if isinstance(value, list):
+        return "list"
+    if value is None:
+        return "null"
+    return None
+
+
+def _fits(value, default):
+    """Whether a hyper-parameter value has the JSON type of the method's default (an int where
+    the default is a float is fine; lists element-wise against the default's elements)."""
+    try:  # the default as JSON sees it (tuples are lists)
+        default = json.loads(json.dumps(default))
+    except (TypeError, ValueError):
+        default = None
+    kind, want = _json_kind(value), _json_kind(default)
+    if kind is None:
+        return False
+    if kind == "float" and not math.isfinite(value):
+        return False
+    if want == "null":  # no type to compare with: any plain JSON scalar or list of them
+        return kind != "list" or all(_json_kind(v) not in (None, "list") and _fits(v, None)
+                                     for v in value)
+    if want == "float":
+        return kind in ("int", "float")
+    if want == "list":
+        if kind != "list":
+            return False
+        return all(_fits(v, default[0] if default else None) for v in value)
+    return kind == want
 
 
 def read_config(directory):
-    """Reads and validates a saved model's `config.json`; ValueError naming the file if bad."""
+    """Reads and validates a saved model's `config.json` (plain JSON data only; nothing in it is
+    imported or executed).
+
+    Checks: the directory and file exist; the file is at most `MAX_CONFIG_BYTES`, UTF-8 JSON, an
+    object with exactly the fields `CONFIG_FIELDS` (`extra` optional) and `format`
+    "mdregnet-model-1"; `name` is a registered model; `input_shape` is 2 or 3 positive integers
+    (at most `MAX_INPUT_VOXELS` voxels); `hparams` is an object whose keys are hyper-parameters
+    of that model and whose values have the JSON type of the model's defaults (finite numbers);
+    `extra` is an object.
+
+    Returns:
+        The config dict.
+
+    Raises:
+        MissingFileError (a FileNotFoundError): no directory or no config.json.
+        InvalidInputError (a ValueError): anything else above; the message starts with the file.
+    """
+    directory = os.fspath(directory)
     path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.isdir(directory):
+        raise MissingFileError(f"{directory}: no such model directory" if not
+                               os.path.exists(directory) else
+                               f"{directory}: not a directory (a model is a directory written by "
+                               "mdregnet.models.save)")
+    if not os.path.exists(path):
+        raise MissingFileError(f"{path}: no such file (not an mdregnet model directory)")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file (not an mdregnet model directory)")
+        raise InvalidInputError(f"{path}: not a regular file")
+    size = os.path.getsize(path)
+    if size > MAX_CONFIG_BYTES:
+        raise InvalidInputError(f"{path}: {size} bytes, too large for a model config (at most "
+                                f"{MAX_CONFIG_BYTES})")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             config = json.load(f)
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not a readable JSON model config ({err})") from None
-    if not isinstance(config, dict) or config.get("format") != "mdregnet-model-1":
-        raise ValueError(f"{path}: not an mdregnet model config (format 'mdregnet-model-1')")
+    except (OSError, ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError
+        reason = " ".join(str(err).split())[:200]
+        raise InvalidInputError(f"{path}: not a readable JSON model config ({type(err).__name__}: "
+                                f"{reason})") from None
+    if not isinstance(config, dict) or config.get("format") != CONFIG_FORMAT:
+        raise InvalidInputError(f"{path}: not an mdregnet model config (a JSON object with "
+                                f"format '{CONFIG_FORMAT}')")
+    unknown = sorted(str(k) for k in set(config) - set(CONFIG_FIELDS))
+    if unknown:
+        raise InvalidInputError(f"{path}: unexpected field(s) {unknown} in a model config (only "
+                                f"{', '.join(CONFIG_FIELDS)}; nothing in it is executed)")
     for key, kind in (("name", str), ("input_shape", list), ("hparams", dict)):
         if not isinstance(config.get(key), kind):
-            raise ValueError(f"{path}: field {key!r} missing or not a {kind.__name__}")
-    if config["name"] not in _REGISTRY:
-        raise ValueError(f"{path}: unknown model {config['name']!r}; available: "
-                         f"{', '.join(available())}")
-    for value in config["hparams"].values():
-        if not isinstance(value, (int, float, str, bool, list, type(None))):
-            raise ValueError(f"{path}: hyper-parameter values must be plain JSON data")
+            raise InvalidInputError(f"{path}: field {key!r} missing or not a "
+                                    f"{ {str: 'string', list: 'list', dict: 'JSON object'}[kind]}")
+    if "extra" in config and not isinstance(config["extra"], dict):
+        raise InvalidInputError(f"{path}: field 'extra' is not a JSON object")
+    name = config["name"]
+    if name not in _REGISTRY:
+        raise InvalidInputError(f"{path}: unknown model {name!r}; available: "
+                                f"{', '.join(available())}")
+    try:
+        check_input_shape(name, config["input_shape"])
+    except ValueError as err:
+        raise InvalidInputError(f"{path}: {err}") from None
+    defaults_ = _REGISTRY[name].defaults
+    unknown = sorted(set(config["hparams"]) - set(defaults_))
+    if unknown:
+        raise InvalidInputError(f"{path}: unknown hyper-parameter(s) {unknown} for model "
+                                f"{name!r}; valid: {sorted(defaults_)}")
+    for key, value in config["hparams"].items():
+        if not _fits(value, defaults_[key]):
+            raise InvalidInputError(
+                f"{path}: hyper-parameter {key!r} = {json.dumps(value)[:80]} does not have the "
+                f"type of model {name!r}'s default {json.dumps(defaults_[key])} (plain JSON "
+                "data, finite numbers)")
     return config
+
+
+def _weight_shapes(path):
+    """Sorted shapes of the arrays stored in a Keras `.weights.h5` file (h5py: data only)."""
+    import h5py
+
+    shapes = []
+
+    def visit(_, obj):
+        if isinstance(obj, h5py.Dataset):
+            shapes.append(tuple(int(n) for n in obj.shape))
+
+    with h5py.File(path, "r") as f:
+        f.visititems(visit)
+    return sorted(shapes)
 
 
 def load(directory, input_shape=None):
     """Rebuilds a saved model from its config and loads its weights.
+
+    Nothing from the files is executed or unpickled: the config is plain JSON validated by
+    `read_config`, the model is rebuilt by the registered builder, and the weights are arrays
+    read from the `.weights.h5` file (HDF5) into that model's variables. The file must hold
+    exactly one array per variable of the model, of the right shape (compared before Keras reads
+    it), all finite.
 
     Args:
         directory: written by `save`.
@@ -221,20 +391,45 @@ def load(directory, input_shape=None):
         The `keras.Model`, as `build` returns it.
 
     Raises:
-        FileNotFoundError / ValueError: missing or invalid files, naming the file.
+        MissingFileError (a FileNotFoundError): no directory, config.json or weights file.
+        InvalidInputError (a ValueError): an invalid config (see `read_config`), a config the
+            builder refuses, or weights that do not match the architecture, are not a readable
+            HDF5 file or hold NaN/Inf; the message starts with the offending file.
     """
+    directory = os.fspath(directory)
     config = read_config(directory)
+    config_path = os.path.join(directory, CONFIG_FILE)
+    weights = os.path.join(directory, WEIGHTS_FILE)
+    if not os.path.exists(weights):
+        raise MissingFileError(f"{weights}: no such file")
+    if not os.path.isfile(weights):
+        raise InvalidInputError(f"{weights}: not a regular file")
     try:
         model = build(config["name"], input_shape or config["input_shape"], **config["hparams"])
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{os.path.join(directory, CONFIG_FILE)}: {err}") from None
-    weights = os.path.join(directory, WEIGHTS_FILE)
-    if not os.path.isfile(weights):
-        raise FileNotFoundError(f"{weights}: no such file")
+    except (TypeError, ValueError, KeyError, IndexError) as err:
+        raise InvalidInputError(f"{config_path}: the model cannot be built from this config "
+                                f"({type(err).__name__}: {' '.join(str(err).split())[:300]})") \
+            from None
     try:
+        stored = _weight_shapes(weights)
+        wanted = sorted(tuple(int(n) for n in v.shape) for v in model.weights)
+        if stored != wanted:
+            first = next((f"file {a} vs model {b}" for a, b in zip(stored, wanted) if a != b),
+                         "")
+            raise ValueError(f"the file holds {len(stored)} arrays, the {config['name']!r} model "
+                             f"of {CONFIG_FILE} has {len(wanted)} variables"
+                             + (f" (shapes differ: {first})" if first else "")
+                             + ": weights of another architecture")
         model.load_weights(weights)
     except Exception as err:  # h5py/keras raise many types for a truncated or foreign file
-        raise ValueError(f"{weights}: cannot load weights ({type(err).__name__}: {err})") from None
+        reason = " ".join(str(err).split())
+        if len(reason) > 300:
+            reason = reason[:300] + " ..."
+        raise InvalidInputError(f"{weights}: cannot load weights ({type(err).__name__}: "
+                                f"{reason})") from None
+    for variable in model.weights:
+        if not np.isfinite(np.asarray(variable)).all():
+            raise InvalidInputError(f"{weights}: variable {variable.path!r} holds NaN or Inf")
     if "extra" in config:
         model.mdregnet_config["extra"] = config["extra"]
     return model
