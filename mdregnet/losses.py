@@ -25,7 +25,7 @@ import tensorflow as tf
 
 from mdregnet.metrics import jacobian_determinant_tf
 
-__all__ = ["NCC", "MSE", "Grad", "JacobianPenalty", "bidirectional", "get"]
+__all__ = ["NCC", "MSE", "Grad", "OperatorNorm", "JacobianPenalty", "bidirectional", "get"]
 
 
 def _float32(x):
@@ -346,6 +346,90 @@ class Grad(_Serializable):
 
 
 @keras.saving.register_keras_serializable(package="mdregnet")
+class OperatorNorm(_Serializable):
+    """Squared norm of a differential operator applied to a velocity field: `||L v||^2`.
+
+    `L = -alpha * Laplacian + Id`, the operator of LDDMM (Beg et al. 2005) that the patch-based
+    diffeomorphic FCN embeds in its loss (eq. 3). The Laplacian is the 3-point stencil per axis
+    (7-point in 3D), component by component, divided by `spacing**2`:
+
+        (L v)_c(p) = v_c(p) - alpha / h^2 * sum_a [v_c(p + e_a) - 2 v_c(p) + v_c(p - e_a)]
+
+    with the faces reflected (`v(-1) = v(0)`, `tf.pad` 'SYMMETRIC': zero normal derivative half a
+    voxel outside, the Neumann Laplacian that the DCT-II diagonalises; so the cosines
+    `cos(pi k (i + 1/2) / n)` are exact eigenfunctions, eigenvalue `-(2 - 2 cos(pi k / n)) / h^2`).
+    The loss is the mean over batch and voxels of the squared Euclidean norm `sum_c (L v)_c^2`,
+    i.e. the integral `||L v||^2_{L^2}` per unit volume (the mean, like `Grad`, so the weight does
+    not depend on the field's size).
+
+    Time sum of eq. 3: the paper writes `sum_{j=1}^{N} ||L v^t||^2 dt`, N the number of
+    integration steps and `dt = 1/N`. For a STATIONARY velocity field (the paper's v_i, integrated
+    here by scaling and squaring) every term of that sum is the same, so it equals `||L v||^2`
+    exactly (`N * dt = 1`): no step count enters.
+
+    Units: `v` in voxels of its grid; `alpha` in (units of `spacing`)^2. With `spacing = 1` (the
+    default) alpha is in voxels^2, which for the paper's 1 mm images is mm^2. Note how weak the
+    Laplacian is for small alpha in these units: the highest grid frequency multiplies it by
+    `4 * ndims / h^2` (12 in 3D), so alpha = 0.01 changes `L` by at most 12%.
+
+    Args:
+        alpha: float >= 0, the smoothness weight of the Laplacian (paper: > 0; 0.01, 0.005, 0.001
+            in its three cascade stages).
+        spacing: float > 0, the grid spacing `h` in the unit alpha is expressed in.
+        name: str, the loss name.
+
+    Call arguments:
+        y_true: ignored.
+        y_pred: field `(B, *spatial, ndims)` in voxels, any float dtype; `ndims` 2 or 3.
+
+    Returns:
+        Scalar float32 tensor >= 0, in squared field units.
+
+    Raises:
+        ValueError: alpha < 0, spacing <= 0, or a field whose rank is not 4 or 5.
+
+    References:
+        Wu, Zhou, Lin, Wang & Tan, "Fast diffeomorphic image registration using patch based fully
+        convolutional networks" (`../shared/papers/patch-based-diffeomorphic-fcn.md`), Sec. II-B,
+        eq. 3; Beg, Miller, Trouve & Younes, IJCV 2005 (L = -alpha Laplacian + gamma Id).
+    """
+
+    def __init__(self, alpha=0.01, spacing=1.0, name="operator"):
+        if not alpha >= 0:
+            raise ValueError(f"alpha must be >= 0; got {alpha}")
+        if not spacing > 0:
+            raise ValueError(f"spacing must be > 0; got {spacing}")
+        self.alpha = float(alpha)
+        self.spacing = float(spacing)
+        self.name = name
+
+    def apply(self, field):
+        """`L v` for a field `(B, *spatial, C)` (any C; each channel alone), float32."""
+        field = _float32(field)
+        ndims = _spatial_ndims(field, "field")
+        laplacian = None
+        for axis in range(1, ndims + 1):
+            pad = [[0, 0]] * (ndims + 2)
+            pad[axis] = [1, 1]
+            padded = tf.pad(field, pad, mode="SYMMETRIC")
+            ahead = [slice(None)] * (ndims + 2)
+            behind = [slice(None)] * (ndims + 2)
+            ahead[axis] = slice(2, None)
+            behind[axis] = slice(None, -2)
+            term = padded[tuple(ahead)] + padded[tuple(behind)] - 2.0 * field
+            laplacian = term if laplacian is None else laplacian + term
+        return field - (self.alpha / self.spacing ** 2) * laplacian
+
+    def __call__(self, y_true, y_pred):
+        del y_true  # a regulariser of the prediction alone
+        lv = self.apply(y_pred)
+        return tf.reduce_mean(tf.reduce_sum(lv * lv, axis=-1))
+
+    def get_config(self):
+        return {"alpha": self.alpha, "spacing": self.spacing, "name": self.name}
+
+
+@keras.saving.register_keras_serializable(package="mdregnet")
 class JacobianPenalty(_Serializable):
     """Hinge penalty on non-positive Jacobian determinants of `phi = id + u` (anti-folding).
 
@@ -438,14 +522,15 @@ def pair_similarity(similarity, fixed, moving, warped_moving, warped_fixed=None)
                          warped_fixed=warped_fixed)
 
 
-_LOSSES = {"ncc": NCC, "mse": MSE, "grad": Grad, "jacobian": JacobianPenalty}
+_LOSSES = {"ncc": NCC, "mse": MSE, "grad": Grad, "operator": OperatorNorm,
+           "jacobian": JacobianPenalty}
 
 
 def get(name, **kwargs):
     """Builds a loss by name.
 
     Args:
-        name: one of "ncc", "mse", "grad", "jacobian" (case-insensitive).
+        name: one of "ncc", "mse", "grad", "operator", "jacobian" (case-insensitive).
         **kwargs: constructor arguments of that class.
 
     Returns:
@@ -458,3 +543,363 @@ def get(name, **kwargs):
     if key not in _LOSSES:
         raise ValueError(f"unknown loss {name!r}; known: {sorted(_LOSSES)}")
     return _LOSSES[key](**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Variational Jacobian learning (Theljani & Chen, ../shared/papers/variational-jacobian-learning.md)
+#
+# The stored text of that paper keeps its prose but not its displayed formulas: it names the
+# ingredients (first- and second-order smoothing, a constraint on det of the transformation, a
+# correlation-type mono-modal measure, parallel level sets for multi-modal images, lambda = 60 in
+# the loss (2)) without their exact expressions. The terms below are the standard members of each
+# family named there; each docstring says which sentence it rests on and what had to be chosen.
+# ------------------------------------------------------------------------------------------------
+def _image_gradient(image):
+    """Central-difference gradient of every channel (one-sided at the faces, `numpy.gradient`).
+
+    Args:
+        image: `(B, *spatial, C)` float32 tensor, every spatial axis at least 2 voxels.
+
+    Returns:
+        list of `ndims` tensors `(B, *spatial, C)`, the derivative along array axis a, in
+        intensity units per voxel.
+    """
+    from mdregnet.metrics import _gradient_tf  # the numpy.gradient twin the Jacobian uses
+
+    ndims = len(image.shape) - 2
+    return [_gradient_tf(image, axis=1 + a) for a in range(ndims)]
+
+
+def _check_pair(y_true, y_pred):
+    """float32 `(fixed, warped)` of equal rank and channel count; returns them and ndims."""
+    fixed = _float32(y_true)
+    warped = _float32(y_pred)
+    ndims = _spatial_ndims(fixed, "y_true")
+    if len(warped.shape) != ndims + 2:
+        raise ValueError(f"y_true shape {fixed.shape} and y_pred shape {warped.shape} have "
+                         "different ranks")
+    if None not in (fixed.shape[-1], warped.shape[-1]) and fixed.shape[-1] != warped.shape[-1]:
+        raise ValueError(f"y_true shape {fixed.shape} and y_pred shape {warped.shape} have "
+                         "different channel counts")
+    return fixed, warped, ndims
+
+
+@keras.saving.register_keras_serializable(package="mdregnet")
+class GlobalCC(_Serializable):
+    """Squared global correlation-coefficient loss `1 - rho^2`, the mono-modal similarity.
+
+    Per batch item, over all voxels and channels of the pair,
+
+        rho^2 = cov(T, R)^2 / (var(T) var(R) + eps),      loss = mean_b (1 - rho_b^2),
+
+    with population (co)variances. The loss lies in [0, 1] and is 0 exactly when the warped
+    image is an affine function `a R + b` of the fixed one (a != 0; sign included), so it measures
+    linear dependence, the property the paper asks of its mono-modal term.
+
+    Args:
+        eps: float > 0 added to `var(T) var(R)` (intensity units^4): keeps flat images finite
+            (they give loss 1).
+        name: str, the loss name.
+
+    Call arguments:
+        y_true: fixed image R `(B, *spatial, C)`, any float dtype.
+        y_pred: warped moving image `T o phi`, same shape.
+
+    Returns:
+        Scalar float32 tensor in [0, 1], dimensionless.
+
+    References:
+        Theljani & Chen, section "Measuring similarity for mono-modal images": "an alternative
+        measure to the correlation coefficient ... well suitable for measuring linear dependence
+        between images". The stored text drops the formula that follows ("we set ..."); `1 -
+        rho^2` is the reading taken here (the paper's equation number is not recoverable).
+    """
+
+    def __init__(self, eps=1e-8, name="global_cc"):
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0; got {eps}")
+        self.eps = float(eps)
+        self.name = name
+
+    def __call__(self, y_true, y_pred):
+        fixed, warped, ndims = _check_pair(y_true, y_pred)
+        axes = list(range(1, ndims + 2))
+        fixed = fixed - tf.reduce_mean(fixed, axis=axes, keepdims=True)
+        warped = warped - tf.reduce_mean(warped, axis=axes, keepdims=True)
+        cov = tf.reduce_mean(fixed * warped, axis=axes)
+        var_f = tf.reduce_mean(fixed * fixed, axis=axes)
+        var_w = tf.reduce_mean(warped * warped, axis=axes)
+        return tf.reduce_mean(1.0 - cov * cov / (var_f * var_w + self.eps))
+
+    def get_config(self):
+        return {"eps": self.eps, "name": self.name}
+
+
+@keras.saving.register_keras_serializable(package="mdregnet")
+class PLS(_Serializable):
+    """Parallel level sets (PLS) loss, the paper's multi-modal similarity.
+
+    With `a = grad T`, `b = grad R` per voxel and channel (central differences, intensity per
+    voxel) and `|x|_eps = sqrt(|x|^2 + eps^2)`,
+
+        pls(p) = |a|_eps |b|_eps - sqrt(<a, b>^2 + eps^4),      loss = mean_p,c pls(p),
+
+    the Ehrhardt & Arridge measure with psi = id, phi = sqrt. For eps = 0 this is
+    `|a| |b| (1 - |cos angle(a, b)|)`: zero where the level sets are parallel, whatever the
+    contrast (an inverted copy `1 - R` scores exactly as `R`), positive where they cross. For
+    eps > 0 it is still >= 0 (`(|a|^2+eps^2)(|b|^2+eps^2) >= <a,b>^2 + eps^4`), and equal
+    images give `|a|^2 + eps^2 - sqrt(|a|^4 + eps^4)` < eps^2 per voxel. The plain value
+    scales with the gradient magnitudes (intensity^2 per voxel^2), about 5e-4 for two brain
+    slices in [0, 1].
+
+    `normalise=True` divides, per batch item, the sum of `pls(p)` by the sum of
+    `|a|_eps |b|_eps`: `1 - sum sqrt(<a,b>^2 + eps^4) / sum |a|_eps |b|_eps`, a dimensionless
+    value in [0, 1) that is also unchanged by a global intensity scaling of either image (up to
+    eps), so that one weight lambda serves this measure and a mono-modal one in [0, 1].
+
+    Args:
+        eps: float > 0, gradient-norm smoothing in intensity units per voxel (default 0.01,
+            below the typical 0.03-0.1 of brain tissue in [0, 1]).
+        normalise: bool, the dimensionless ratio above instead of the plain mean.
+        name: str, the loss name.
+
+    Call arguments:
+        y_true: fixed image R `(B, *spatial, C)`, any float dtype, every axis >= 2 voxels.
+        y_pred: warped moving image `T o phi`, same shape.
+
+    Returns:
+        Scalar float32 tensor >= 0: intensity^2 / voxel^2, or dimensionless in [0, 1) when
+        normalised.
+
+    References:
+        Theljani & Chen, section "Parallel level set measure": "we use parallel level sets
+        similarity measure which is well suitable for measuring alignment between the gradients
+        of two images" (formula not in the stored text). Ehrhardt & Arridge, "Vector-valued image
+        processing by parallel level sets", IEEE TIP 2014.
+    """
+
+    def __init__(self, eps=0.01, normalise=False, name="pls"):
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0; got {eps}")
+        self.eps = float(eps)
+        self.normalise = bool(normalise)
+        self.name = name
+
+    def _parts(self, y_true, y_pred):
+        """`(|a|_eps |b|_eps, sqrt(<a,b>^2 + eps^4))`, each `(B, *spatial, C)` float32."""
+        fixed, warped, _ = _check_pair(y_true, y_pred)
+        grad_f = _image_gradient(fixed)
+        grad_w = _image_gradient(warped)
+        eps2 = self.eps * self.eps
+        norm_f = tf.add_n([g * g for g in grad_f]) + eps2
+        norm_w = tf.add_n([g * g for g in grad_w]) + eps2
+        dot = tf.add_n([f * w for f, w in zip(grad_f, grad_w)])
+        return tf.sqrt(norm_f * norm_w), tf.sqrt(dot * dot + eps2 * eps2)
+
+    def local(self, y_true, y_pred):
+        """The per-voxel, per-channel map `pls(p)`, `(B, *spatial, C)` float32 (plain form)."""
+        norms, dots = self._parts(y_true, y_pred)
+        return norms - dots
+
+    def __call__(self, y_true, y_pred):
+        norms, dots = self._parts(y_true, y_pred)
+        if not self.normalise:
+            return tf.reduce_mean(norms - dots)
+        axes = list(range(1, len(norms.shape)))
+        return tf.reduce_mean(1.0 - tf.reduce_sum(dots, axis=axes)
+                              / tf.reduce_sum(norms, axis=axes))
+
+    def get_config(self):
+        return {"eps": self.eps, "normalise": self.normalise, "name": self.name}
+
+
+@keras.saving.register_keras_serializable(package="mdregnet")
+class NGF(_Serializable):
+    """Normalised gradient fields (NGF) loss, the usual alternative multi-modal measure.
+
+    With `a = grad T`, `b = grad R` (central differences) and `|x|_eps = sqrt(|x|^2 + eps^2)`,
+
+        ngf(p) = 1 - (<a, b> / (|a|_eps |b|_eps))^2,      loss = mean_p,c ngf(p),
+
+    in [0, 1]: about 0 where strong edges are parallel or anti-parallel (contrast inversion
+    changes nothing), 1 where they are orthogonal or where either image is flat (|grad| << eps).
+
+    Args:
+        eps: float > 0, edge parameter in intensity units per voxel (default 0.01).
+        name: str, the loss name.
+
+    Call arguments:
+        y_true: fixed image R `(B, *spatial, C)`, any float dtype, every axis >= 2 voxels.
+        y_pred: warped moving image `T o phi`, same shape.
+
+    Returns:
+        Scalar float32 tensor in [0, 1], dimensionless.
+
+    References:
+        Haber & Modersitzki, "Intensity gradient based registration and fusion of multi-modal
+        images", MICCAI 2006 (NGF); Ruhaak et al. 2013 (cited by Theljani & Chen, section
+        "Parallel level set measure", among the multi-modal measures).
+    """
+
+    def __init__(self, eps=0.01, name="ngf"):
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0; got {eps}")
+        self.eps = float(eps)
+        self.name = name
+
+    def local(self, y_true, y_pred):
+        """The per-voxel, per-channel map `ngf(p)`, `(B, *spatial, C)` float32."""
+        fixed, warped, _ = _check_pair(y_true, y_pred)
+        grad_f = _image_gradient(fixed)
+        grad_w = _image_gradient(warped)
+        eps2 = self.eps * self.eps
+        norm_f = tf.add_n([g * g for g in grad_f]) + eps2
+        norm_w = tf.add_n([g * g for g in grad_w]) + eps2
+        dot = tf.add_n([f * w for f, w in zip(grad_f, grad_w)])
+        return 1.0 - dot * dot / (norm_f * norm_w)
+
+    def __call__(self, y_true, y_pred):
+        return tf.reduce_mean(self.local(y_true, y_pred))
+
+    def get_config(self):
+        return {"eps": self.eps, "name": self.name}
+
+
+@keras.saving.register_keras_serializable(package="mdregnet")
+class BendingEnergy(_Serializable):
+    """Second-order regulariser: half the squared Frobenius norm of every component's Hessian.
+
+        Bending(u) = 1/2 sum_c [ sum_a mean (d_aa u_c)^2 + 2 sum_{a<b} mean (d_ab u_c)^2 ]
+
+    with `d_aa` the central second difference `u[x+e_a] - 2 u[x] + u[x-e_a]` (positions 1..L-2
+    along a) and `d_ab` the forward mixed difference `u[x+e_a+e_b] - u[x+e_a] - u[x+e_b] + u[x]`;
+    each mean runs over the batch and that difference's positions (the integral over the domain
+    divided by its volume). Its kernel is exactly the affine fields, which first-order terms
+    penalise: a quadratic `u_0 = q x_0 x_1` gives `q^2`, `u_0 = (k/2) x_a^2` gives `k^2 / 2`.
+
+    Args:
+        name: str, the loss name.
+
+    Call arguments:
+        y_true: ignored.
+        y_pred: field `(B, *spatial, C)` in voxels (any float dtype), every axis >= 3 voxels.
+
+    Returns:
+        Scalar float32 tensor >= 0, voxels^-2 (displacement voxels per voxel^2, squared).
+
+    References:
+        Theljani & Chen, section "Regularisation": "a smoothing constraint on the first- and
+        second order derivatives ... The second-order derivatives allows getting smooth
+        transformations" beyond the kernel of first-order regularisers (formula not in the
+        stored text). The full Hessian norm is the plate energy of Henn & Witsch (SIAM MMS 2005)
+        with Poisson ratio 0, whose kernel is the affine maps.
+    """
+
+    def __init__(self, name="bending"):
+        self.name = name
+
+    @staticmethod
+    def _forward_difference(x, axis):
+        """`x[i + 1] - x[i]` along `axis` (one position fewer)."""
+        ahead = [slice(None)] * len(x.shape)
+        behind = [slice(None)] * len(x.shape)
+        ahead[axis] = slice(1, None)
+        behind[axis] = slice(None, -1)
+        return x[tuple(ahead)] - x[tuple(behind)]
+
+    def __call__(self, y_true, y_pred):
+        del y_true
+        field = _float32(y_pred)
+        ndims = _spatial_ndims(field, "y_pred")
+        diff = self._forward_difference
+        total = tf.constant(0.0, tf.float32)
+        for a in range(1, ndims + 1):
+            d_a = diff(field, a)
+            second = diff(d_a, a)  # = the central second difference at positions 1..L-2
+            total += tf.reduce_mean(second * second)
+            for b in range(a + 1, ndims + 1):
+                mixed = diff(d_a, b)
+                total += 2.0 * tf.reduce_mean(mixed * mixed)
+        # reduce_mean also averages over the C components: restore the sum over c.
+        return 0.5 * tf.cast(tf.shape(field)[-1], tf.float32) * total
+
+    def get_config(self):
+        return {"name": self.name}
+
+
+@keras.saving.register_keras_serializable(package="mdregnet")
+class VariationalRegulariser(_Serializable):
+    """The regulariser of Theljani & Chen: first- and second-order smoothing plus det control.
+
+        R(u) = alpha_grad * D(u) + alpha_hess * B(u) + alpha_jac * J(u)
+
+      * D(u) = 1/2 sum_{c,a} mean (d_a u_c)^2, the diffusion term (forward differences), i.e.
+        `Grad("l2")` rescaled from its average over axes and components to the sum;
+      * B(u) = `BendingEnergy` (second-order, zero exactly for affine fields);
+      * J(u) = `JacobianPenalty(jac_eps)` = mean relu(jac_eps - det(I + grad u)): zero while
+        det >= jac_eps everywhere, growing linearly as det falls to 0 and below, so it penalises
+        every voxel with det <= 0 (folding, CONVENTIONS.md) once jac_eps > 0.
+    Every term is a mean over the grid (the domain integral divided by its volume), in voxels.
+
+    Args:
+        alpha_grad, alpha_hess, alpha_jac: floats >= 0, the weights of D, B and J.
+        jac_eps: float >= 0, the determinant margin of J (dimensionless).
+        name: str, the loss name.
+
+    Call arguments:
+        y_true: ignored.
+        y_pred: displacement `(B, *spatial, ndims)` in voxels, any float dtype, every axis >= 3.
+
+    Returns:
+        Scalar float32 tensor >= 0; `terms(u)` gives the three unweighted values by name
+        ('diffusion', 'bending', 'jacobian').
+
+    References:
+        Theljani & Chen, section "Regularisation": "a smoothing constraint on the first- and
+        second order derivatives and a constraint on the determinant of the transformation";
+        the loss (2) is `S + lambda R` with lambda = 60 ("Choice of lambda in (2)"). The stored
+        text drops the formulas, so the three weights and the form of J are choices: J reuses
+        `JacobianPenalty`, a hinge defined for every determinant (a barrier such as
+        (det - 1)^2 / det, used by the variational models the paper cites, is undefined at
+        det <= 0, where a network can land).
+    """
+
+    def __init__(self, alpha_grad=1.0, alpha_hess=1.0, alpha_jac=1.0, jac_eps=0.1,
+                 name="variational_regulariser"):
+        for key, value in (("alpha_grad", alpha_grad), ("alpha_hess", alpha_hess),
+                           ("alpha_jac", alpha_jac)):
+            if value < 0:
+                raise ValueError(f"{key} must be >= 0; got {value}")
+        self.alpha_grad = float(alpha_grad)
+        self.alpha_hess = float(alpha_hess)
+        self.alpha_jac = float(alpha_jac)
+        self.jac_eps = float(jac_eps)
+        self.name = name
+        self._grad = Grad("l2")
+        self._bending = BendingEnergy()
+        self._jacobian = JacobianPenalty(eps=jac_eps)
+
+    def terms(self, y_pred):
+        """Unweighted `{'diffusion': D, 'bending': B, 'jacobian': J}` of a displacement."""
+        field = _float32(y_pred)
+        ndims = _spatial_ndims(field, "y_pred")
+        # Grad("l2") = (1/ndims) sum_a mean_{positions, c}: times ndims * C gives the sum.
+        scale = 0.5 * ndims * tf.cast(tf.shape(field)[-1], tf.float32)
+        return {"diffusion": scale * self._grad(None, field),
+                "bending": self._bending(None, field),
+                "jacobian": self._jacobian(None, field)}
+
+    def __call__(self, y_true, y_pred):
+        del y_true
+        terms = self.terms(y_pred)
+        return (self.alpha_grad * terms["diffusion"] + self.alpha_hess * terms["bending"]
+                + self.alpha_jac * terms["jacobian"])
+
+    def get_config(self):
+        return {"alpha_grad": self.alpha_grad, "alpha_hess": self.alpha_hess,
+                "alpha_jac": self.alpha_jac, "jac_eps": self.jac_eps, "name": self.name}
+
+
+_LOSSES.update({"cc": GlobalCC, "pls": PLS, "ngf": NGF, "bending": BendingEnergy,
+                "variational": VariationalRegulariser})
+__all__ += ["GlobalCC", "PLS", "NGF", "BendingEnergy", "VariationalRegulariser"]

@@ -367,3 +367,275 @@ def test_pair_similarity_is_forward_only_without_the_inverse_image():
     assert float(losses.pair_similarity(ncc, fixed, moving, warped, warped_fixed)) == \
         pytest.approx(both)
     assert abs(both - forward) > 1e-3  # the inverse term is really added
+
+
+# ======================================================================= variational Jacobian
+# GlobalCC, PLS, NGF, BendingEnergy, VariationalRegulariser (Theljani & Chen).
+
+def np_gradient(image):
+    """numpy.gradient of every channel along the spatial axes of `(B, *spatial, C)`, float64."""
+    ndims = image.ndim - 2
+    return [np.gradient(image.astype(np.float64), axis=1 + a) for a in range(ndims)]
+
+
+def global_cc_reference(fixed, warped):
+    out = []
+    for f, w in zip(fixed.astype(np.float64), warped.astype(np.float64)):
+        rho = np.corrcoef(f.ravel(), w.ravel())[0, 1]
+        out.append(1.0 - rho ** 2)
+    return np.mean(out)
+
+
+def pls_reference(fixed, warped, eps, normalise=False):
+    a, b = np_gradient(fixed), np_gradient(warped)
+    norms = np.sqrt((sum(g * g for g in a) + eps ** 2) * (sum(g * g for g in b) + eps ** 2))
+    dots = np.sqrt(sum(x * y for x, y in zip(a, b)) ** 2 + eps ** 4)
+    if not normalise:
+        return np.mean(norms - dots)
+    axes = tuple(range(1, fixed.ndim))
+    return np.mean(1.0 - dots.sum(axis=axes) / norms.sum(axis=axes))
+
+
+def ngf_reference(fixed, warped, eps):
+    a, b = np_gradient(fixed), np_gradient(warped)
+    dot = sum(x * y for x, y in zip(a, b))
+    return np.mean(1.0 - dot ** 2 / ((sum(g * g for g in a) + eps ** 2)
+                                     * (sum(g * g for g in b) + eps ** 2)))
+
+
+def ramp(shape, weights, batch=1):
+    """Linear image `sum_a weights[a] * x_a`, `(batch, *shape, 1)` float32: gradient `weights`
+    everywhere, faces included (one-sided differences of a linear function are exact)."""
+    return (grid(shape, batch) @ np.asarray(weights, np.float64))[..., None].astype(np.float32)
+
+
+@pytest.mark.parametrize("ndims", [2, 3])
+@pytest.mark.parametrize("channels", [1, 2])
+def test_global_cc_matches_numpy(ndims, channels):
+    fixed = smooth_image(ndims, channels, seed=20)
+    warped = (0.7 * fixed + 0.5 * smooth_image(ndims, channels, seed=21)).astype(np.float32)
+    got = float(losses.GlobalCC()(fixed, warped))
+    want = global_cc_reference(fixed, warped)
+    assert 0.05 < want < 0.95  # a value where 1 - rho, 1 - rho^2 and rho^2 all differ
+    assert got == pytest.approx(want, rel=1e-5)  # float32 means over <= 3400 voxels
+
+
+@pytest.mark.parametrize("ndims", [2, 3])
+def test_global_cc_is_zero_for_affine_intensity_maps(ndims):
+    img = smooth_image(ndims, seed=22)
+    loss = losses.GlobalCC()
+    for a, b in [(1.0, 0.0), (2.5, 0.3), (-1.0, 1.0), (-0.2, 5.0)]:  # sign too: rho^2
+        assert float(loss(img, a * img + b)) == pytest.approx(0.0, abs=1e-5)
+    # one value per batch item, then their mean: item 1 unrelated (~1), item 0 identical (0)
+    pair = np.concatenate([img[:1], smooth_image(ndims, seed=23)[:1]])
+    per_item = [global_cc_reference(img[i:i + 1], pair[i:i + 1]) for i in range(2)]
+    assert float(loss(img, pair)) == pytest.approx(np.mean(per_item), rel=1e-5)
+    # a flat image is finite (loss 1), with finite gradients
+    flat = np.full_like(img, 0.3)
+    value, grad = _value_and_grads(loss, img, flat)
+    assert value == pytest.approx(1.0) and np.all(np.isfinite(grad))
+
+
+@pytest.mark.parametrize("ndims", [2, 3])
+@pytest.mark.parametrize("normalise", [False, True])
+def test_pls_matches_numpy(ndims, normalise):
+    fixed = smooth_image(ndims, channels=2, seed=24)
+    warped = (0.6 * fixed + smooth_image(ndims, channels=2, seed=25)).astype(np.float32)
+    for eps in (0.01, 0.5):
+        got = float(losses.PLS(eps=eps, normalise=normalise)(fixed, warped))
+        want = pls_reference(fixed, warped, eps, normalise)
+        assert got == pytest.approx(want, rel=1e-5)  # float32 round-off of O(1) products
+
+
+@pytest.mark.parametrize("ndims", [2, 3])
+def test_pls_and_ngf_of_two_ramps(ndims):
+    # grad T = e_0, grad R = e_0 + e_1 (45 degrees): exact values, faces included.
+    shape = SHAPES[ndims]
+    t = ramp(shape, [1.0] + [0.0] * (ndims - 1))
+    r = ramp(shape, [1.0, 1.0] + [0.0] * (ndims - 2))
+    e = 0.1
+    plain = np.sqrt((1 + e ** 2) * (2 + e ** 2)) - np.sqrt(1 + e ** 4)  # ~ sqrt(2) - 1
+    assert float(losses.PLS(eps=e)(r, t)) == pytest.approx(plain, rel=1e-5)
+    assert float(losses.PLS(eps=e, normalise=True)(r, t)) == pytest.approx(
+        1 - np.sqrt(1 + e ** 4) / np.sqrt((1 + e ** 2) * (2 + e ** 2)), rel=1e-5)
+    assert float(losses.NGF(eps=e)(r, t)) == pytest.approx(
+        1 - 1 / ((1 + e ** 2) * (2 + e ** 2)), rel=1e-5)
+    # orthogonal level sets: NGF = 1 exactly, PLS = |a|_e |b|_e - e^2
+    u = ramp(shape, [0.0, 2.0] + [0.0] * (ndims - 2))
+    assert float(losses.NGF(eps=e)(t, u)) == pytest.approx(1.0, abs=1e-6)
+    assert float(losses.PLS(eps=e)(t, u)) == pytest.approx(
+        np.sqrt((1 + e ** 2) * (4 + e ** 2)) - e ** 2, rel=1e-5)
+
+
+@pytest.mark.parametrize("ndims", [2, 3])
+def test_ngf_matches_numpy(ndims):
+    fixed = smooth_image(ndims, channels=2, seed=26)
+    warped = (0.6 * fixed + smooth_image(ndims, channels=2, seed=27)).astype(np.float32)
+    for eps in (0.01, 0.5):
+        got = float(losses.NGF(eps=eps)(fixed, warped))
+        assert got == pytest.approx(ngf_reference(fixed, warped, eps), rel=1e-5)
+
+
+def shifted(img, offset):
+    """`img` rolled by `offset` voxels along every spatial axis (periodic)."""
+    return np.roll(img, offset, axis=tuple(range(1, img.ndim - 1)))
+
+
+@pytest.mark.parametrize("ndims", [2, 3])
+@pytest.mark.parametrize("loss", [losses.PLS(eps=0.01), losses.PLS(eps=0.01, normalise=True),
+                                  losses.NGF(eps=0.01)], ids=["pls", "pls_norm", "ngf"])
+def test_multimodal_optimum_is_alignment_whatever_the_contrast(ndims, loss):
+    img = smooth_image(ndims, seed=28)
+    img = ((img - img.min()) / (img.max() - img.min())).astype(np.float32)  # in [0, 1]
+    inverted = (1.0 - img).astype(np.float32)
+    remapped = (3.0 * img ** 2).astype(np.float32)  # monotone, nonlinear: gradients parallel
+    self_value = float(loss(img, img))
+    # contrast inversion changes nothing: gradients flip sign, level sets stay parallel
+    assert float(loss(img, inverted)) == pytest.approx(self_value, rel=1e-5, abs=1e-9)
+    values = {s: float(loss(img, shifted(inverted, s))) for s in (-2, -1, 1, 2)}
+    for s, value in values.items():  # every misalignment is clearly worse
+        assert value > 1.5 * self_value + 1e-6, (s, value, self_value)
+    assert float(loss(img, remapped)) < min(values.values())
+    if isinstance(loss, losses.PLS) and not loss.normalise:
+        # equal images: |a|^2 + eps^2 - sqrt(|a|^4 + eps^4) < eps^2 per voxel; any pair >= 0
+        assert 0.0 <= self_value <= 0.01 ** 2
+        assert min(values.values()) > 10 * 0.01 ** 2
+
+
+@pytest.mark.parametrize("loss", [losses.PLS(), losses.PLS(normalise=True), losses.NGF()],
+                         ids=["pls", "pls_norm", "ngf"])
+def test_multimodal_flat_images_finite(loss):
+    shape = (1,) + SHAPES[3] + (1,)
+    flat = np.zeros(shape, np.float32)
+    for other in (flat, smooth_image(3, batch=1)):
+        value, grad = _value_and_grads(loss, other, flat)
+        assert np.isfinite(value) and np.all(np.isfinite(grad))
+    assert float(loss(flat, flat)) == pytest.approx(0.0 if isinstance(loss, losses.PLS) else 1.0,
+                                                    abs=1e-6)
+
+
+def bending_reference(field):
+    """1/2 sum_c [sum_a mean(d_aa u_c)^2 + 2 sum_{a<b} mean(d_ab u_c)^2] with np.diff."""
+    field = field.astype(np.float64)
+    ndims = field.ndim - 2
+    total = 0.0
+    for c in range(field.shape[-1]):
+        u = field[..., c]
+        for a in range(1, ndims + 1):
+            total += np.mean(np.diff(u, n=2, axis=a) ** 2)
+            for b in range(a + 1, ndims + 1):
+                total += 2 * np.mean(np.diff(np.diff(u, axis=a), axis=b) ** 2)
+    return 0.5 * total
+
+
+@pytest.mark.parametrize("ndims", [2, 3])
+def test_bending_is_zero_for_affine_fields(ndims):
+    shape = SHAPES[ndims]
+    field = (grid(shape) @ MATRICES[ndims].T + np.arange(1, ndims + 1)).astype(np.float32)
+    # float32 values up to ~20: second differences cancel to ~1e-6
+    assert float(losses.BendingEnergy()(None, field)) == pytest.approx(0.0, abs=1e-10)
+
+
+@pytest.mark.parametrize("ndims", [2, 3])
+def test_bending_of_quadratic_fields(ndims):
+    shape = SHAPES[ndims]
+    x = grid(shape, batch=1).astype(np.float64)
+    q, k = 0.3, 0.2
+    field = np.zeros((1,) + shape + (ndims,))
+    field[..., 0] = q * x[..., 0] * x[..., 1]  # only d_01 u_0 = q: Hessian norm^2 = 2 q^2
+    assert float(losses.BendingEnergy()(None, field.astype(np.float32))) == pytest.approx(
+        q ** 2, rel=1e-4)  # float32 products of values up to ~100
+    field[..., 1] = 0.5 * k * x[..., ndims - 1] ** 2  # d_aa u_1 = k: adds k^2 / 2
+    assert float(losses.BendingEnergy()(None, field.astype(np.float32))) == pytest.approx(
+        q ** 2 + k ** 2 / 2, rel=1e-4)
+
+
+@pytest.mark.parametrize("ndims", [2, 3])
+def test_bending_matches_numpy(ndims):
+    field = smooth_image(ndims, channels=ndims, seed=29, sigma=1.0)
+    got = float(losses.BendingEnergy()(None, field))
+    assert got > 0
+    assert got == pytest.approx(bending_reference(field), rel=1e-5)
+
+
+def diffusion_reference(field):
+    """1/2 sum_{a,c} mean over positions of the squared forward difference."""
+    field = field.astype(np.float64)
+    return 0.5 * sum(np.mean(np.diff(field[..., c], axis=a) ** 2)
+                     for a in range(1, field.ndim - 1) for c in range(field.shape[-1]))
+
+
+@pytest.mark.parametrize("ndims", [2, 3])
+def test_variational_regulariser_terms(ndims):
+    shape = (12,) + SHAPES[ndims][1:]
+    reg = losses.VariationalRegulariser(alpha_grad=0.5, alpha_hess=2.0, alpha_jac=3.0,
+                                        jac_eps=0.1)
+    identity = np.zeros((2,) + shape + (ndims,), np.float32)
+    assert {k: float(v) for k, v in reg.terms(identity).items()} == {
+        "diffusion": 0.0, "bending": 0.0, "jacobian": 0.0}
+
+    # affine: diffusion = 1/2 sum M^2 exactly, no bending, no folding (det(I + M) > 0.1)
+    m = MATRICES[ndims]
+    affine = (grid(shape) @ m.T).astype(np.float32)
+    assert np.linalg.det(np.eye(ndims) + m) > 0.1
+    terms = {k: float(v) for k, v in reg.terms(affine).items()}
+    assert terms["diffusion"] == pytest.approx(0.5 * (m ** 2).sum(), rel=1e-5)
+    assert terms["bending"] == pytest.approx(0.0, abs=1e-9)
+    assert terms["jacobian"] == 0.0
+
+    # random smooth field: numpy references for every term and the weighted sum
+    field = 2.0 * smooth_image(ndims, channels=ndims, seed=30)[:, :12]
+    terms = {k: float(v) for k, v in reg.terms(field).items()}
+    det = metrics.jacobian_determinant(field)
+    want = {"diffusion": diffusion_reference(field), "bending": bending_reference(field),
+            "jacobian": np.mean(np.maximum(0.1 - det, 0.0))}
+    assert want["jacobian"] > 0  # this field folds
+    for key in want:
+        assert terms[key] == pytest.approx(want[key], rel=1e-5), key
+    assert float(reg(None, field)) == pytest.approx(
+        0.5 * want["diffusion"] + 2.0 * want["bending"] + 3.0 * want["jacobian"], rel=1e-5)
+
+
+@pytest.mark.parametrize("ndims", [2, 3])
+def test_variational_jacobian_term_penalises_folding(ndims):
+    shape = (12,) + SHAPES[ndims][1:]
+    fold = tf.Variable(folding_field(shape))  # det = -1 on a slab, det = 1 elsewhere
+    det = metrics.jacobian_determinant(fold.numpy())
+    assert det.min() <= 0
+    reg = losses.VariationalRegulariser(alpha_grad=0.0, alpha_hess=0.0, jac_eps=0.0)
+    with tf.GradientTape() as tape:
+        value = reg(None, fold)
+    assert float(value) == pytest.approx(np.mean(np.maximum(-det, 0.0)), rel=1e-5)
+    grad = tape.gradient(value, fold).numpy()
+    assert float(value) > 0 and np.any(grad != 0) and np.all(np.isfinite(grad))
+    # det = 0 exactly (a collapse along axis 0) costs nothing with eps = 0, jac_eps with eps > 0
+    collapse = np.zeros((1,) + shape + (ndims,), np.float32)
+    collapse[..., 0] = -grid(shape, batch=1)[..., 0]
+    assert np.allclose(metrics.jacobian_determinant(collapse), 0.0)
+    assert float(reg.terms(collapse)["jacobian"]) == 0.0
+    margin = losses.VariationalRegulariser(jac_eps=0.1)
+    assert float(margin.terms(collapse)["jacobian"]) == pytest.approx(0.1, rel=1e-5)
+
+
+def test_variational_losses_registry_and_config():
+    assert isinstance(losses.get("cc"), losses.GlobalCC)
+    assert losses.get("pls", eps=0.2, normalise=True).normalise is True
+    assert isinstance(losses.get("ngf"), losses.NGF)
+    assert isinstance(losses.get("bending"), losses.BendingEnergy)
+    assert losses.get("variational", alpha_jac=5.0).alpha_jac == 5.0
+    for loss in (losses.GlobalCC(eps=1e-6), losses.PLS(eps=0.05, normalise=True),
+                 losses.NGF(eps=0.2), losses.BendingEnergy(),
+                 losses.VariationalRegulariser(alpha_grad=0.3, jac_eps=0.2)):
+        config = loss.get_config()
+        assert type(loss).from_config(config).get_config() == config
+        restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(loss))
+        assert type(restored) is type(loss) and restored.get_config() == config
+    for cls in (losses.GlobalCC, losses.PLS, losses.NGF):
+        with pytest.raises(ValueError):
+            cls(eps=0.0)
+    with pytest.raises(ValueError):
+        losses.VariationalRegulariser(alpha_hess=-1.0)
+    with pytest.raises(ValueError):
+        losses.VariationalRegulariser(jac_eps=-0.1)
+    with pytest.raises(ValueError, match="channel"):
+        losses.PLS()(smooth_image(2, channels=2), smooth_image(2))

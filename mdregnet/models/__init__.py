@@ -8,6 +8,8 @@ from mdregnet.models.registry import (Method, available, build, defaults, get_me
 
 # Each import registers one method.
 from mdregnet.models import fcn_ds, mdregnet, prdfe, voxelmorph  # noqa: E402
+from mdregnet.models import patch_fcn  # noqa: E402,F401  (patch_fcn)
+from mdregnet.models import variational  # noqa: E402,F401  (vjl_sn, vjl_lunet)
 
 __all__ = ["Method", "available", "build", "defaults", "get_method", "load", "objective",
            "read_config", "register", "save", "fcn_ds", "mdregnet", "prdfe", "voxelmorph"]
