@@ -54,6 +54,8 @@ from absl import app, flags
 FLAGS = flags.FLAGS
 
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker")
+#: Models that `--patch_size` (patch training, whole-volume validation by patches) applies to.
+PATCH_MODELS = ("patch_fcn",)
 MIXED_PRECISION = ("auto", "on", "off")
 CONFIG_FILE = "config.json"
 CONFIG_FORMAT = "mdregnet-train-1"
@@ -83,6 +85,12 @@ def define_flags(flag_values=FLAGS):
                         "('#' comments); default every subject in data_dir.", **fv)
     flags.DEFINE_string("val_subjects", None, "File of validation subject ids; default: no "
                         "validation.", **fv)
+    flags.DEFINE_integer("patch_size", None, "Patch training (model 'patch_fcn', its paper): the "
+                         "model is built for patches of this size per axis (paper: 64) sampled "
+                         "from each pair, half in the foreground and half in the background; "
+                         "`--batch_size` counts patches (paper: 16); validation registers whole "
+                         "volumes by patches (mdregnet.patches.register_by_patches).", **fv)
+    flags.DEFINE_integer("patches_per_pair", 2, "Patch pairs drawn from each image pair.", **fv)
     flags.DEFINE_list("input_shape", None, "Spatial size X,Y,Z the volumes are centre-cropped or "
                       "zero-padded to; default the data's own, which must then be divisible by "
                       "the model's factor (16 for mdregnet).", **fv)
@@ -153,6 +161,8 @@ class TrainConfig:
     train_subjects: object = None
     val_subjects: object = None
     input_shape: tuple = None
+    patch_size: int = None
+    patches_per_pair: int = 2
     steps: int = 150000
     batch_size: int = 1
     lr: float = 1e-4
@@ -237,6 +247,15 @@ def _validate(cfg):
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     if not cfg.lr > 0:
         raise ConfigError(f"lr must be positive, got {cfg.lr!r}")
+    if cfg.patch_size is not None:
+        if cfg.model not in PATCH_MODELS:
+            raise ConfigError(f"patch_size: patch training is implemented for {PATCH_MODELS}, "
+                              f"not {cfg.model!r}")
+        if not isinstance(cfg.patch_size, (int, np.integer)) or cfg.patch_size < 1:
+            raise ConfigError(f"patch_size must be a positive integer, got {cfg.patch_size!r}")
+        if not isinstance(cfg.patches_per_pair, (int, np.integer)) or cfg.patches_per_pair < 1:
+            raise ConfigError(f"patches_per_pair must be a positive integer, got "
+                              f"{cfg.patches_per_pair!r}")
     if not cfg.data_dir:
         raise ConfigError("data_dir is required")
     if not cfg.workdir:
@@ -625,6 +644,27 @@ def make_predict(model, loss_fn):
     return predict
 
 
+def make_patch_predict(model, loss_fn, patch_size):
+    """`predict(moving, fixed) -> (outputs, total)` of a patch-trained model on whole volumes:
+    the paper's patch inference (`mdregnet.patches.register_by_patches`: the central part of each
+    patch's velocity kept and stitched, integrated once), then the objective on the result."""
+    import tensorflow as tf
+
+    from mdregnet import patches
+
+    size = int(patch_size)
+    keep = int(model.mdregnet_config["hparams"].get("patch_keep", size // 2))
+    keep = keep if keep < size else size // 2  # the paper's 32 of 64; half of a smaller patch
+
+    def predict(moving, fixed):
+        outputs = _as_float32(patches.register_by_patches(model, moving, fixed, patch_size=size,
+                                                          keep=keep))
+        total, _ = loss_fn(moving, fixed, outputs)
+        return {"warped": outputs["warped"], "disp": outputs["disp"]}, tf.cast(total, tf.float32)
+
+    return predict
+
+
 def validate(predict, images, labels, pairs):
     """Registers the validation pairs and measures the result.
 
@@ -803,8 +843,11 @@ def train(config, step_callback=None):
     if mixed:
         keras.mixed_precision.set_global_policy("mixed_float16")
     try:
+        model_shape = (int(cfg.patch_size),) * len(shape) if cfg.patch_size else shape
+        if cfg.patch_size:
+            check_shape(model_shape, cfg.model, divisor, "--patch_size")
         with strategy.scope():
-            model = models.build(cfg.model, shape, **hparams)
+            model = models.build(cfg.model, model_shape, **hparams)
             loss_fn = models.objective(model)
             optimizer = keras.optimizers.Adam(learning_rate=cfg.lr)
             if mixed:
@@ -835,8 +878,15 @@ def train(config, step_callback=None):
     # ---- pipeline: deterministic pair stream, continued at the saved step
     from mdregnet import data
 
-    dataset = data.pair_dataset(images, batch_size=cfg.batch_size, seed=cfg.seed, shuffle=True,
-                                repeat=True)
+    if cfg.patch_size:
+        from mdregnet import patches
+
+        dataset = patches.patch_pair_dataset(images, patch_size=cfg.patch_size,
+                                             patches_per_pair=cfg.patches_per_pair,
+                                             batch_size=cfg.batch_size, seed=cfg.seed)
+    else:
+        dataset = data.pair_dataset(images, batch_size=cfg.batch_size, seed=cfg.seed,
+                                    shuffle=True, repeat=True)
     if start_step:
         dataset = dataset.skip(start_step)
     options = tf.data.Options()
@@ -844,7 +894,12 @@ def train(config, step_callback=None):
     dataset = dataset.with_options(options)
     batches = iter(strategy.experimental_distribute_dataset(dataset))
     train_step = make_train_step(model, loss_fn, optimizer, strategy, loss_scaling=mixed)
-    predict = make_predict(model, loss_fn) if val else None
+    if not val:
+        predict = None
+    elif cfg.patch_size:
+        predict = make_patch_predict(model, loss_fn, cfg.patch_size)
+    else:
+        predict = make_predict(model, loss_fn)
 
     if is_chief:
         train_writer = tf.summary.create_file_writer(os.path.join(log_dir, "train"))

@@ -21,6 +21,7 @@ from mdregnet import train
 TINY = {
     "voxelmorph": {"enc_features": [8, 16, 16, 16], "dec_features": [16, 16, 16, 16, 16, 8, 8]},
     "mdregnet": {"enc_features": [8, 16, 16, 16], "dec_features": 16, "head_features": [16, 8]},
+    "patch_fcn": {"features": [4, 8, 8, 8, 8], "stages": 1, "alphas": [0.01]},
 }
 #: The keys of each objective's `terms` dict (all logged to TensorBoard).
 TERMS = {"voxelmorph": ["sim", "grad"],
@@ -353,3 +354,22 @@ def test_cli_reports_errors_in_one_line(tmp_path):
     assert proc.returncode == 1
     assert "mdregnet.train: error: unknown model 'nosuchnet'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_patch_training_of_patch_fcn(data_dir, tmp_path):
+    """`patch_size`: the model is built for patches, trained on patch batches drawn from the
+    pairs, and validated on whole volumes by patch inference; other models refuse it."""
+    from mdregnet import models
+
+    summary = train.train(_config(data_dir, tmp_path, model="patch_fcn", steps=3, batch_size=4,
+                                  patch_size=16, val_every=3, val_subjects=["s2", "s3"],
+                                  val_pairs=2))
+    assert summary["step"] == 3 and summary["input_shape"] == [32, 32, 32]
+    assert all(np.isfinite(loss) for _, loss in summary["loss_history"])
+    validation = summary["validation"]
+    assert validation["pairs"] == 2 and np.isfinite(validation["loss"])
+    assert 0.0 < validation["dice_mean"] <= 1.0 and validation["folding_count"] == 0
+    assert models.read_config(str(tmp_path / "model"))["input_shape"] == [16, 16, 16]
+    with pytest.raises(train.ConfigError, match="patch training is implemented for"):
+        train.train(_config(data_dir, tmp_path / "other", patch_size=16))
