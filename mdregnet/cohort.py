@@ -77,9 +77,23 @@ model is built under the strategy's scope on every visible GPU, the dataset is d
 
 one process, 2 subjects per GPU per call. On a CPU, 'mirrored' is one replica (the CPU) unless
 TensorFlow's CPU is split into logical devices first (`tf.config.set_logical_device_
-configuration`, as the tests do). Several hosts are not supported by this command: it would need
-`MultiWorkerMirroredStrategy` (TF_CONFIG) and one shared CSV writer; run one command per host on
-its own `--subjects` list and `--out` instead.
+configuration`, as the tests do).
+
+Several hosts (`--strategy multi_worker`, `tf.distribute.MultiWorkerMirroredStrategy`, the
+cluster in `TF_CONFIG` as for training): the same command on every host, with the same folders
+(`--out` on storage every host sees). The subjects still to do are listed by every worker, checked to be the
+same list (an all-reduce of a fingerprint), and split by position: worker w of W takes subjects
+w, w + W, w + 2W, ... Each worker runs its own input pipeline and model call on its local device
+(one worker per GPU: give each process its `CUDA_VISIBLE_DEVICES`), writes its subjects'
+folders, and takes no part in the others' calls (inference has nothing to synchronise). At the end the workers meet (an
+all-reduce) and the chief writes cohort.csv with every worker's rows, which the others leave in
+the output folder (`.cohort-rows-worker<w>.json`, removed by the chief). A worker lost on the way
+stops the others at that meeting (status 75, as in training); the rerun skips every subject
+whose folder is complete.
+
+    # on each of 2 hosts, "index" 0 and 1
+    TF_CONFIG='{"cluster": {"worker": ["host0:12345", "host1:12345"]}, "task": {"type": "worker", "index": 0}}' \
+        python -m mdregnet.infer --strategy multi_worker --batch_size 4 --fixed T --moving_dir DIR --out /shared/reg
 
 Throughput: `experiments/benchmark_cohort.py` prints subjects/s per batch size (model loading and
 the first call's tracing excluded).
@@ -105,7 +119,9 @@ TO_TEMPLATE = "to_template"
 ATLAS = "atlas"
 MODES = (TO_TEMPLATE, ATLAS)
 #: The `tf.distribute` strategies this command takes (`train.get_strategy` names).
-STRATEGIES = ("default", "mirrored")
+STRATEGIES = ("default", "mirrored", "multi_worker")
+#: Rows of a non-chief worker, handed to the chief through the output folder at the end.
+_WORKER_ROWS = ".cohort-rows-worker{}.json"
 #: The files of a subject folder (warped_labels.nii.gz only with labels to warp).
 COHORT_FILES = ("warped.nii.gz", "disp.nii.gz", "jacobian_det.nii.gz", "warped_labels.nii.gz",
                 "summary.json")
@@ -193,6 +209,11 @@ class CohortReport:
     def rate(self):
         """Subjects per second of this run (`processed / seconds`), NaN when nothing ran."""
         return self.processed / self.seconds if self.processed and self.seconds > 0 else math.nan
+
+
+def _write_json_file(path, value):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(value, f)
 
 
 def _csv_text(rows):
@@ -299,6 +320,19 @@ class CohortRegistration:
             if strategy not in STRATEGIES:
                 raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
             strategy = train.get_strategy(strategy)
+        self.multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+        self.is_chief, self.worker, self.num_workers = True, 0, 1
+        self.cluster = None
+        if self.multi_worker:
+            # The cluster strategy gives the worker's place and the meetings (all-reduces); each
+            # worker registers its own subjects with a local model (its variables are not
+            # mirrored across workers: inference has nothing to synchronise).
+            self.cluster, strategy = strategy, tf.distribute.get_strategy()
+            self.is_chief, task_id = train._worker(self.cluster)
+            spec = self.cluster.cluster_resolver.cluster_spec().as_dict()
+            task_type = self.cluster.cluster_resolver.task_type
+            self.num_workers = len(spec.get("chief", [])) + len(spec.get("worker", []))
+            self.worker = task_id + (len(spec.get("chief", [])) if task_type == "worker" else 0)
         self.strategy = strategy
         self.mode = mode
         self.refine_steps = int(refine_steps)
@@ -423,24 +457,33 @@ class CohortRegistration:
 
         ds = tf.data.Dataset.from_tensor_slices((indices, paths, label_paths))
         ds = ds.map(load_element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        ds = ds.batch(self.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+        return self._distribute(ds)
+
+    def _distribute(self, ds):
+        """Batches a dataset of single elements and distributes it: each batch split over the
+        replicas by `experimental_distribute_dataset`."""
         options = tf.data.Options()
         options.experimental_distribute.auto_shard_policy = \
             tf.data.experimental.AutoShardPolicy.OFF
+        ds = ds.batch(self.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
         return self.strategy.experimental_distribute_dataset(ds.with_options(options))
+
+    def _all_reduce_sum(self, value):
+        """The sum over every replica of the cluster of `value` (a float), and a meeting point:
+        it returns only when every worker has called it (or raises when one is gone)."""
+        local = len(self.cluster.extended.worker_devices)
+        per_replica = self.cluster.run(tf.function(lambda: tf.constant(value / local, tf.float32)))
+        return float(self.cluster.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None))
 
     def warm_up(self):
         """Traces and compiles the batch step (and the label warp) on an empty batch.
 
         `run` does this on its first batch anyway; call it first to time `run` without it.
         """
-        batch = {"index": -np.ones((self.batch_size,), np.int32),
-                 "image": np.zeros((self.batch_size,) + self.padded_shape + (1,), np.float32)}
-        ds = tf.data.Dataset.from_tensors(batch)
-        options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = \
-            tf.data.experimental.AutoShardPolicy.OFF
-        for dist_batch in self.strategy.experimental_distribute_dataset(ds.with_options(options)):
+        element = {"index": np.int32(-1),
+                   "image": np.zeros(self.padded_shape + (1,), np.float32)}
+        ds = tf.data.Dataset.from_tensors(element).repeat(self.batch_size)
+        for dist_batch in self._distribute(ds):
             self._local(self._step(dist_batch))
         infer.warp_labels(np.zeros(self.shape, np.int32), np.zeros(self.shape + (3,), np.float32))
 
@@ -566,7 +609,8 @@ class CohortRegistration:
 
         def flush():
             report.rows = [rows[i] for i in ids if i in rows]
-            write_csv(csv_path, report.rows)
+            if self.is_chief:
+                write_csv(csv_path, report.rows)
 
         for note in self.notes:
             log(f"note: {note}")
@@ -576,9 +620,11 @@ class CohortRegistration:
         if changed:
             log(f"cohort: {changed} subjects of {out_dir} were registered with other settings "
                 f"and are redone")
+        if self.multi_worker:
+            todo = self._share(todo, ids, rows, out_dir, log)
         flush()
         if not todo:
-            return report
+            return self._gather(report, rows, ids, out_dir, csv_path)
 
         info = {}
         dataset = self._dataset(todo, info)
@@ -678,6 +724,46 @@ class CohortRegistration:
             executor.shutdown(wait=True)
             report.seconds = time.perf_counter() - timing["start"]
             report.processed = counts["ok"] + counts["failed"]
+        return self._gather(report, rows, ids, out_dir, csv_path)
+
+    # -- several workers --------------------------------------------------------------------------
+    def _share(self, todo, ids, rows, out_dir, log):
+        """This worker's subjects of `todo` (every worker's list checked to be the same)."""
+        import zlib
+
+        fingerprint = float(zlib.crc32("\n".join(s.id for s in todo).encode()) % (1 << 20))
+        total = self._all_reduce_sum(fingerprint)
+        if total != fingerprint * self.num_workers:
+            raise ValueError(f"worker {self.worker}: the workers see different subjects to do "
+                               f"in {out_dir} (another run writing there, or different "
+                               "--subjects/folders on the hosts)")
+        mine = todo[self.worker::self.num_workers]
+        log(f"cohort: worker {self.worker} of {self.num_workers} takes {len(mine)} of the "
+            f"{len(todo)} subjects to do")
+        return mine
+
+    def _gather(self, report, rows, ids, out_dir, csv_path):
+        """Multi-worker: hands this worker's rows to the chief, meets the others, and (chief)
+        writes cohort.csv with every row. Single worker: returns `report` unchanged."""
+        if not self.multi_worker:
+            return report
+        if not self.is_chief:
+            path = os.path.join(out_dir, _WORKER_ROWS.format(self.worker))
+            io.atomic_write(path, lambda tmp: _write_json_file(tmp, list(rows.values())))
+        self._all_reduce_sum(1.0)  # every worker has written its subjects and rows
+        if self.is_chief:
+            for worker in range(self.num_workers):
+                path = os.path.join(out_dir, _WORKER_ROWS.format(worker))
+                if worker == self.worker or not os.path.exists(path):
+                    continue
+                with open(path, encoding="utf-8") as f:
+                    for row in json.load(f):
+                        if row["id"] in ids and not (row["status"] == "skipped"
+                                                     and row["id"] in rows):
+                            rows[row["id"]] = row
+                os.remove(path)
+            report.rows = [rows[i] for i in ids if i in rows]
+            write_csv(csv_path, report.rows)
         return report
 
 
@@ -752,6 +838,8 @@ def run_from_flags(fv):
     if mode == TO_TEMPLATE and fv.labels_dir and not fv.fixed_labels:
         print("note: Dice needs --fixed_labels too; warping the subjects' labels only")
     infer.set_device(fv.device)
+    # MultiWorkerMirroredStrategy must exist before TensorFlow runs any op.
+    strategy = train.get_strategy(fv.strategy) if fv.strategy == "multi_worker" else fv.strategy
     model_dir = fv.model or infer.default_model_dir()
     subjects = find_cohort(image_dir, fv.labels_dir, fv.subjects)
     out = fv.out or "mdregnet_out"
@@ -763,7 +851,7 @@ def run_from_flags(fv):
           + (f", {with_labels} with labels in {fv.labels_dir}" if fv.labels_dir else ""),
           flush=True)
     registration = CohortRegistration(model_dir, reference, reference_labels, mode=mode,
-                                      batch_size=fv.batch_size, strategy=fv.strategy,
+                                      batch_size=fv.batch_size, strategy=strategy,
                                       refine_steps=fv.refine_steps, refine_lr=fv.refine_lr)
     report = registration.run(subjects, out)
     print(f"cohort: {report.n_ok} registered, {report.n_skipped} skipped (done earlier), "

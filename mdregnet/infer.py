@@ -135,9 +135,10 @@ def define_flags(flag_values=FLAGS):
                         "line ('#' comments); default every image of the folder.", **fv)
     flags.DEFINE_integer("batch_size", 1, "Cohort mode: subjects per model call (global, split "
                          "over the --strategy replicas).", lower_bound=1, **fv)
-    flags.DEFINE_enum("strategy", "default", ["default", "mirrored"], "Cohort mode: "
-                      "tf.distribute strategy; 'mirrored' splits each batch over every visible "
-                      "GPU.", **fv)
+    flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"],
+                      "Cohort mode: tf.distribute strategy; 'mirrored' splits each batch over "
+                      "every visible GPU; 'multi_worker' splits the subjects over the hosts of "
+                      "TF_CONFIG (mdregnet/cohort.py).", **fv)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -860,8 +861,18 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from mdregnet import cohort
 
+    import tensorflow as tf
+
+    from mdregnet import train
+
     try:
         result = run_from_flags(FLAGS)
+    except (tf.errors.UnavailableError, tf.errors.CancelledError, tf.errors.AbortedError,
+            tf.errors.DeadlineExceededError) as err:  # multi-worker: another worker is gone
+        print(f"mdregnet.infer: error: lost contact with the cluster ({type(err).__name__}: "
+              f"{' '.join(str(err).split())[:300]}); every finished subject is complete: rerun "
+              "the same command on every worker to do the rest", file=sys.stderr, flush=True)
+        sys.exit(train.EXIT_WORKER_LOST)
     except (OSError, ValueError) as err:  # io.InvalidInputError is a ValueError
         sys.exit(f"mdregnet.infer: error: {' '.join(str(err).split())}")
     if isinstance(result, cohort.CohortReport) and result.n_failed:

@@ -398,3 +398,63 @@ def test_refinement_per_subject_is_the_one_pair_refinement(files, model_dir, tmp
     np.testing.assert_allclose(disp, load(tmp_path / "single" / "disp.nii.gz"), atol=DISP_ATOL)
     assert single["refine"]["loss_after"] == pytest.approx(summary["refine"]["loss_after"],
                                                            rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Several hosts: two workers on 127.0.0.1
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_two_workers_split_the_cohort_and_the_chief_writes_every_row(files, model_dir, tmp_path):
+    """`--strategy multi_worker`, two processes with TF_CONFIG: each registers its share of the
+    subjects (worker 0: sub1, sub3; worker 1: sub2), the chief's cohort.csv has every row, the
+    fields are those of one process, and a rerun of both skips everything."""
+    import socket
+
+    socks = [socket.socket() for _ in range(2)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    cluster = {"worker": [f"127.0.0.1:{s.getsockname()[1]}" for s in socks]}
+    for s in socks:
+        s.close()
+    out = tmp_path / "reg"
+    command = [sys.executable, "-m", "mdregnet.infer", "--strategy", "multi_worker",
+               "--fixed", files["template"], "--fixed_labels", files["template_labels"],
+               "--moving_dir", files["images"], "--labels_dir", files["labels"],
+               "--model", model_dir, "--out", str(out), "--device", "cpu"]
+
+    def run_cluster():
+        procs = []
+        for index in range(2):
+            env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
+                       TF_CONFIG=json.dumps({"cluster": cluster,
+                                             "task": {"type": "worker", "index": index}}),
+                       PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+            procs.append(subprocess.Popen(command, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
+                                          stdin=subprocess.DEVNULL))
+        logs = [p.communicate(timeout=400)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+        return logs
+
+    logs = run_cluster()
+    assert "worker 0 of 2 takes 2 of the 3 subjects" in logs[0]
+    assert "worker 1 of 2 takes 1 of the 3 subjects" in logs[1]
+    rows = read_csv(out / cohort.CSV_NAME)
+    assert [(r["id"], r["status"]) for r in rows] == [(i, "ok") for i in IDS]
+    assert rows[0]["dice_mean"] != "" and rows[2]["dice_mean"] == ""
+    assert sorted(os.listdir(out)) == [cohort.CSV_NAME, *IDS]  # the workers' rows removed
+    assert leftovers(out) == []
+
+    single = tmp_path / "single"
+    report = cohort.register_to_template(model_dir, files["template"],
+                                         cohort.find_cohort(files["images"], files["labels"]),
+                                         str(single), fixed_labels=files["template_labels"],
+                                         log=quiet)
+    assert report.n_ok == 3
+    for subject_id in IDS:
+        np.testing.assert_allclose(load(out / subject_id / "disp.nii.gz"),
+                                   load(single / subject_id / "disp.nii.gz"), atol=DISP_ATOL)
+
+    logs = run_cluster()
+    assert all("3 of 3 subjects already done" in log for log in logs)
+    assert [r["status"] for r in read_csv(out / cohort.CSV_NAME)] == ["skipped"] * 3
