@@ -570,6 +570,18 @@ def _image_gradient(image):
     return [_gradient_tf(image, axis=1 + a) for a in range(ndims)]
 
 
+def _gradient_products(y_true, y_pred, eps2):
+    """`(|grad f|^2 + eps2, |grad w|^2 + eps2, <grad f, grad w>)` of fixed `y_true` and warped
+    `y_pred` (central differences, `_image_gradient`), each `(B, *spatial, C)` float32."""
+    fixed, warped, _ = _check_pair(y_true, y_pred)
+    grad_f = _image_gradient(fixed)
+    grad_w = _image_gradient(warped)
+    norm_f = tf.add_n([g * g for g in grad_f]) + eps2
+    norm_w = tf.add_n([g * g for g in grad_w]) + eps2
+    dot = tf.add_n([f * w for f, w in zip(grad_f, grad_w)])
+    return norm_f, norm_w, dot
+
+
 def _check_pair(y_true, y_pred):
     """float32 `(fixed, warped)` of equal rank and channel count; returns them and ndims."""
     fixed = _float32(y_true)
@@ -687,13 +699,8 @@ class PLS(_Serializable):
 
     def _parts(self, y_true, y_pred):
         """`(|a|_eps |b|_eps, sqrt(<a,b>^2 + eps^4))`, each `(B, *spatial, C)` float32."""
-        fixed, warped, _ = _check_pair(y_true, y_pred)
-        grad_f = _image_gradient(fixed)
-        grad_w = _image_gradient(warped)
         eps2 = self.eps * self.eps
-        norm_f = tf.add_n([g * g for g in grad_f]) + eps2
-        norm_w = tf.add_n([g * g for g in grad_w]) + eps2
-        dot = tf.add_n([f * w for f, w in zip(grad_f, grad_w)])
+        norm_f, norm_w, dot = _gradient_products(y_true, y_pred, eps2)
         return tf.sqrt(norm_f * norm_w), tf.sqrt(dot * dot + eps2 * eps2)
 
     def local(self, y_true, y_pred):
@@ -749,13 +756,7 @@ class NGF(_Serializable):
 
     def local(self, y_true, y_pred):
         """The per-voxel, per-channel map `ngf(p)`, `(B, *spatial, C)` float32."""
-        fixed, warped, _ = _check_pair(y_true, y_pred)
-        grad_f = _image_gradient(fixed)
-        grad_w = _image_gradient(warped)
-        eps2 = self.eps * self.eps
-        norm_f = tf.add_n([g * g for g in grad_f]) + eps2
-        norm_w = tf.add_n([g * g for g in grad_w]) + eps2
-        dot = tf.add_n([f * w for f, w in zip(grad_f, grad_w)])
+        norm_f, norm_w, dot = _gradient_products(y_true, y_pred, self.eps * self.eps)
         return 1.0 - dot * dot / (norm_f * norm_w)
 
     def __call__(self, y_true, y_pred):
