@@ -371,8 +371,6 @@ def write_report(out_dir, rows, summary):
     except OSError as err:
         raise OSError(err.errno, f"{out_dir}: cannot create the output folder "
                                  f"({err.strerror or err})") from err
-    created = not os.path.isdir(out_dir)
-    moved = []
     try:
         for name, text in texts.items():
             def write(tmp, text=text):
@@ -380,21 +378,8 @@ def write_report(out_dir, rows, summary):
                     f.write(text)
 
             io.atomic_write(os.path.join(staging, name), write)
-        os.makedirs(out_dir, exist_ok=True)
-        for name in texts:
-            os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
-            moved.append(name)
+        io.publish_files(staging, out_dir, list(texts))
     except BaseException as err:
-        for name in moved:
-            try:
-                os.remove(os.path.join(out_dir, name))
-            except OSError:
-                pass
-        if created:
-            try:
-                os.rmdir(out_dir)
-            except OSError:
-                pass
         relocated = io.relocated_error(err, staging, out_dir) if isinstance(err, Exception) \
             else err
         if relocated is err:

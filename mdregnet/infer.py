@@ -66,6 +66,7 @@ import shutil
 import sys
 import tempfile
 import time
+import weakref
 
 import numpy as np
 import tensorflow as tf
@@ -82,6 +83,15 @@ PRETRAINED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretr
 OUTPUT_FILES = ("warped.nii.gz", "disp.nii.gz", "disp_itk.nii.gz", "inverse_disp.nii.gz",
                 "inverse_disp_itk.nii.gz", "jacobian_det.nii.gz", "warped_labels.nii.gz",
                 "summary.json", "figure.png")
+
+#: Pairs of at least this many voxels run through one compiled forward pass per model and grid
+#: (`compiled_forward`); smaller ones eagerly, where tracing the graph costs more than it saves.
+#: Measured on a 2-core CPU with MDReg-Net: at 176x192x176 the first call took 6 s compiled
+#: against 15 s eager and later calls 4 s against 12 s; at 80x112x80 the first call costs the
+#: same and later calls are 25% faster; at 32^3 tracing adds 1.5 s to a 3 s first call.
+COMPILE_MIN_VOXELS = 2**19
+
+_COMPILED = weakref.WeakKeyDictionary()
 
 FLAGS = flags.FLAGS
 
@@ -213,6 +223,31 @@ def crop_volume(array, pad):
     return array[index]
 
 
+def compiled_forward(model, shape):
+    """The model's forward pass as one `tf.function`, traced once per model and grid (cached).
+
+    Args:
+        model: a registration model taking `[moving, fixed]`.
+        shape: spatial size `(X, Y, Z)` of the (padded) images.
+
+    Returns:
+        `fn(moving, fixed) -> outputs`, inputs `(1, *shape, 1)` float32 (fixed input signature,
+        so it never retraces), `outputs` the model's output dict (inference mode).
+    """
+    shape = tuple(int(n) for n in shape)
+    per_model = _COMPILED.setdefault(model, {})
+    if shape not in per_model:
+        spec = tf.TensorSpec((1, *shape, 1), tf.float32)
+        model_ref = weakref.ref(model)  # the cache must not keep the model alive
+
+        @tf.function(input_signature=[spec, spec])
+        def forward(moving, fixed):
+            return model_ref()([moving, fixed], training=False)
+
+        per_model[shape] = forward
+    return per_model[shape]
+
+
 def predict(model, moving, fixed, pad=None, refine_steps=0, refine_lr=None):
     """Runs `model([moving, fixed])` on one pair and returns numpy outputs on the unpadded grid.
 
@@ -227,7 +262,9 @@ def predict(model, moving, fixed, pad=None, refine_steps=0, refine_lr=None):
         `(outputs, seconds)`: `outputs` has 'disp' `(X, Y, Z, 3)` voxels, 'warped' `(X, Y, Z)`,
         and when the model has them 'inverse_disp' and 'warped_fixed'; with refinement also
         'refine', the `info` dict of `refine.refine`. `seconds` is the time of the model call
-        (and refinement) alone, until the displacement is on the host.
+        (and refinement) alone, until the displacement is on the host. Grids of at least
+        `COMPILE_MIN_VOXELS` voxels run through `compiled_forward` (the first call of a model on
+        a grid includes tracing it), smaller ones eagerly.
 
     Raises:
         ValueError: `refine_steps > 0` for a model without a velocity field.
@@ -236,7 +273,10 @@ def predict(model, moving, fixed, pad=None, refine_steps=0, refine_lr=None):
     m = pad_volume(np.asarray(moving, np.float32), pad)[None, ..., None]
     f = pad_volume(np.asarray(fixed, np.float32), pad)[None, ..., None]
     start = time.perf_counter()
-    out = model([m, f], training=False)
+    if m.size >= COMPILE_MIN_VOXELS:
+        out = compiled_forward(model, m.shape[1:-1])(m, f)
+    else:
+        out = model([m, f], training=False)
     info = None
     if refine_steps:
         out, info = refine.refine(model, m, f, refine_steps, lr=refine_lr, outputs=out)
@@ -689,25 +729,7 @@ def _publish(staging, out_dir, names):
     Outputs of an earlier run that this run does not produce are removed, so the folder never
     mixes two registrations.
     """
-    created = not os.path.isdir(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    moved = []
-    try:
-        for name in names:
-            os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
-            moved.append(name)
-    except BaseException:
-        for name in moved:
-            try:
-                os.remove(os.path.join(out_dir, name))
-            except OSError:
-                pass
-        if created:
-            try:
-                os.rmdir(out_dir)
-            except OSError:
-                pass
-        raise
+    io.publish_files(staging, out_dir, names)
     for name in set(OUTPUT_FILES) - set(names):
         stale = os.path.join(out_dir, name)
         if os.path.isfile(stale):

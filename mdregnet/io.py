@@ -363,6 +363,35 @@ def check_output_dir(path):
                               "writable)")
 
 
+def publish_files(staging, out_dir, names):
+    """Moves the files `names` from the folder `staging` into `out_dir` (created if needed): all
+    of them or, when one move fails, none (those moved are removed again, and `out_dir` too when
+    this call created it). `staging` must be on the file system of `out_dir` (renames).
+
+    Raises:
+        OSError: the move that failed, after the rollback.
+    """
+    created = not os.path.isdir(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    moved = []
+    try:
+        for name in names:
+            os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+            moved.append(name)
+    except BaseException:
+        for name in moved:
+            try:
+                os.remove(os.path.join(out_dir, name))
+            except OSError:
+                pass
+        if created:
+            try:
+                os.rmdir(out_dir)
+            except OSError:
+                pass
+        raise
+
+
 def relocated_error(err, staging, out_dir):
     """`err` (an OSError or ValueError raised while writing into the temporary folder `staging`)
     with `staging` replaced by `out_dir` in its message, so a failure names the output the user
