@@ -512,7 +512,11 @@ def _check_resumable(path, saved, name, hparams, settings):
         raise ConfigError(f"{path}: the checkpoints next to it were trained with model "
                           f"{old.get('name')!r}, this run asks for {name!r}; use another "
                           "--workdir or the same --model")
-    old_hp = old.get("hparams", {})
+    from mdregnet import models
+
+    # Hyper-parameters added to the model since the checkpoints were written take their
+    # defaults (which reproduce the old behaviour), so older runs still resume.
+    old_hp = {**models.defaults(name), **old.get("hparams", {})}
     keys = sorted(set(old_hp) | set(hparams))
     diff = [f"{k}: saved {old_hp.get(k)!r}, now {hparams.get(k)!r}" for k in keys
             if _jsonable(old_hp.get(k)) != _jsonable(hparams.get(k))]

@@ -373,3 +373,16 @@ def test_patch_training_of_patch_fcn(data_dir, tmp_path):
     assert models.read_config(str(tmp_path / "model"))["input_shape"] == [16, 16, 16]
     with pytest.raises(train.ConfigError, match="patch training is implemented for"):
         train.train(_config(data_dir, tmp_path / "other", patch_size=16))
+
+
+@pytest.mark.slow
+def test_checkpoints_older_than_a_new_hyper_parameter_still_resume(data_dir, tmp_path):
+    """A run saved before a hyper-parameter existed (here voxelmorph's `similarity`) resumes:
+    the missing key takes its default, which is the old behaviour."""
+    train.train(_config(data_dir, tmp_path, steps=1))
+    path = tmp_path / "ckpt" / train.CONFIG_FILE
+    saved = json.loads(path.read_text())
+    del saved["model"]["hparams"]["similarity"]
+    path.write_text(json.dumps(saved))
+    summary = train.train(_config(data_dir, tmp_path, steps=2))
+    assert summary["resumed_from"] == 1 and summary["step"] == 2

@@ -24,6 +24,9 @@ from mdregnet import layers, losses
 from mdregnet.models import blocks
 from mdregnet.models.registry import Method, register
 
+#: Values of the `similarity` hyper-parameter.
+_SIMILARITIES = ("ncc", "mse")
+
 
 def unet(x, enc_features, dec_features):
     """VoxelMorph U-Net: stride-2 encoder, up-sampling decoder with skips, full-resolution out.
@@ -79,9 +82,16 @@ class VoxelMorph(Method):
         "penalty": "l2",
         "ncc_window": 9,
         "bidirectional": True,
+        # Image similarity of the objective: 'ncc' (local NCC, window `ncc_window`; the seed
+        # paper's and VoxelMorph-diff's choice) or 'mse' (mean squared intensity difference, the
+        # "VoxelMorph-2 with MSE loss" baseline of PRDFE, Zhou et al., Sec. III-D).
+        "similarity": "ncc",
     }
 
     def build_model(self, input_shape, hp):
+        if hp["similarity"] not in _SIMILARITIES:
+            raise ValueError(f"similarity must be one of {_SIMILARITIES}, got "
+                             f"{hp['similarity']!r}")
         if len(hp["dec_features"]) < len(hp["enc_features"]) + 1:
             raise ValueError("dec_features needs at least len(enc_features) + 1 entries")
         ndims = len(input_shape)
@@ -109,20 +119,36 @@ class VoxelMorph(Method):
 
     def build_objective(self, hp):
         return VoxelMorphObjective(hp["lam"], hp["penalty"], hp["ncc_window"],
-                                   hp["bidirectional"])
+                                   hp["bidirectional"], hp["similarity"])
 
 
 class VoxelMorphObjective:
     """`-NCC(I_f, I_m o phi) - NCC(I_m, I_f o phi^-1) + lam * Grad(v)` (Dalca et al. 2019, bidir).
 
+    With `similarity='mse'` the terms are `MSE(I_f, I_m o phi) [+ MSE(I_m, I_f o phi^-1)]`
+    (`losses.MSE`), the objective of VoxelMorph-2 with MSE loss (Balakrishnan et al. 2018).
+
+    Args:
+        lam: weight of the gradient penalty of the SVF ('velocity').
+        penalty: 'l1' or 'l2' (`losses.Grad`).
+        ncc_window: local NCC window per axis (unused for 'mse').
+        bidirectional: add the inverse term.
+        similarity: 'ncc' (default) or 'mse'.
+
     Returns:
         `(total, terms)` with terms 'sim' and 'grad'.
+
+    Raises:
+        ValueError: an unknown `similarity`.
     """
 
-    def __init__(self, lam, penalty, ncc_window, bidirectional):
+    def __init__(self, lam, penalty, ncc_window, bidirectional, similarity="ncc"):
+        if similarity not in _SIMILARITIES:
+            raise ValueError(f"similarity must be one of {_SIMILARITIES}, got {similarity!r}")
         self.lam = float(lam)
         self.bidirectional = bool(bidirectional)
-        self.similarity = losses.NCC(window=ncc_window)
+        self.similarity = (losses.NCC(window=ncc_window) if similarity == "ncc"
+                           else losses.MSE())
         self.regulariser = losses.Grad(penalty)
 
     def __call__(self, moving, fixed, outputs):
