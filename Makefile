@@ -13,7 +13,8 @@ CPU_STEPS ?= 1700
 # eval-malc's model: the one train-ping wrote, else the pretrained model shipped in the package.
 MODEL ?= $(if $(wildcard runs/mdregnet_ixi2mm/model/config.json),runs/mdregnet_ixi2mm/model,mdregnet/pretrained/mdregnet_ixi2mm)
 
-.PHONY: install test lint prepare-ixi train-ping eval-malc compare
+.PHONY: install test lint prepare-ixi train-ping eval-malc compare ablation-mdregnet ablation-prdfe \
+	ablation-fcn-ds
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -69,3 +70,28 @@ eval-malc:
 compare: prepare-ixi
 	$(PY) experiments/compare.py --data_dir $(IXI_PREP) --subjects experiments/splits/ixi_val.txt \
 	    --template_seed 0 --refine_steps 0,20 --out results/compare
+
+# The ablations the papers report, each one command writing experiments/results/ablation_<name>.md
+# and .json, with CPU-sized defaults (each script's --help gives the flags of the paper's protocol).
+# MDReg-Net: lambda sweep (Fig. 2), smoothing layer and direction (Table 3), on the prepared IXI
+# (the script says to run `make prepare-ixi` when work_data/ixi_2mm is missing).
+ablation-mdregnet:
+	$(PY) experiments/ablation_mdregnet.py --data_dir $(IXI_PREP)
+
+# PRDFE Table I: VoxelMorph, PDFE, IPRDFE, PRDFE on 2D slices warped by known deformations.
+ablation-prdfe:
+	$(PY) experiments/ablation_prdfe_2d.py --slices_dir $(SHARED_DATA)/slices2d
+
+# Li & Fan Fig. 2: with/without pooling and the coarse-grained FCN, hippocampus boxes of IXI.
+ablation-fcn-ds:
+	$(PY) experiments/ablation_fcn_ds.py --data_dir $(IXI_PREP)
+
+# Speed and memory of every model at 176x192x176, 160x192x224 and 80x112x80, side by side with
+# ANTs SyN and VoxelMorph-torch on the same pair (experiments/benchmark.py; writes
+# experiments/results/benchmark_{cpu,gpu}.{md,json}). PEER_PYTHON: an interpreter with antspyx
+# and/or torch + voxelmorph (e.g. a separate venv); a peer it cannot import is reported as
+# "not installed".
+PEER_PYTHON ?= $(PY)
+.PHONY: benchmark
+benchmark:
+	$(PY) experiments/benchmark.py --peer_python $(PEER_PYTHON)
