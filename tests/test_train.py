@@ -22,6 +22,8 @@ TINY = {
     "voxelmorph": {"enc_features": [8, 16, 16, 16], "dec_features": [16, 16, 16, 16, 16, 8, 8]},
     "mdregnet": {"enc_features": [8, 16, 16, 16], "dec_features": 16, "head_features": [16, 8]},
     "patch_fcn": {"features": [4, 8, 8, 8, 8], "stages": 1, "alphas": [0.01]},
+    "vjl_sn": {"sn_features": [4, 8, 8, 4], "lam": 1.0},
+    "vjl_lunet": {"lunet_features": [4, 8, 8, 8], "lam": 1.0},
 }
 #: The keys of each objective's `terms` dict (all logged to TensorBoard).
 TERMS = {"voxelmorph": ["sim", "grad"],
@@ -386,3 +388,17 @@ def test_checkpoints_older_than_a_new_hyper_parameter_still_resume(data_dir, tmp
     path.write_text(json.dumps(saved))
     summary = train.train(_config(data_dir, tmp_path, steps=2))
     assert summary["resumed_from"] == 1 and summary["step"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["vjl_sn", "vjl_lunet", "patch_fcn"])
+def test_every_seed_method_trains_through_the_training_command(data_dir, tmp_path, model):
+    """The methods added after the first ones (3D here) train with `mdregnet.train` itself, their
+    own objective, validation with Dice, and a saved model that `models.load` reads back."""
+    from mdregnet import models
+
+    summary = train.train(_config(data_dir, tmp_path, model=model, steps=3, val_every=3,
+                                  val_subjects=["s2", "s3"], val_pairs=2))
+    assert summary["step"] == 3 and all(np.isfinite(l) for _, l in summary["loss_history"])
+    assert 0.0 < summary["validation"]["dice_mean"] <= 1.0
+    assert models.load(str(tmp_path / "model")).mdregnet_config["name"] == model
