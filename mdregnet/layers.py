@@ -6,10 +6,12 @@ component `c` along array axis `c`, in voxels of the grid they live on; the tran
 `phi(p) = p + u(p)` and warping pulls back, `warped(p) = moving(p + u(p))` (CONVENTIONS.md).
 
 The trilinear warp is the hot path of scaling and squaring. It is compiled with XLA on its own
-(`jit_compile=True` on the warp and integration functions only); the convolutions of the networks
-stay in the plain TensorFlow graph, where XLA's CPU convolutions were measured much slower. Set
-`MDREGNET_WARP_XLA=0` in the environment (or pass `jit_compile=False`) to switch the split off,
-e.g. to measure it (`experiments/benchmark_warp.py`).
+(`jit_compile=True` on the warp and integration functions, and on the field resizing and the
+Gaussian smoothing, whose per-axis gathers XLA fuses: 4-6x faster on full-resolution fields than
+the plain graph); the convolutions of the networks stay in the plain TensorFlow graph, where
+XLA's CPU convolutions were measured much slower. Set `MDREGNET_WARP_XLA=0` in the environment
+(or pass `jit_compile=False`) to switch the split off, e.g. to measure it
+(`experiments/benchmark_warp.py`).
 """
 
 import itertools
@@ -137,6 +139,21 @@ def _warp_graph(image, disp, interp_method, fill_value):
 _warp_xla = tf.function(_warp_graph, jit_compile=True, autograph=False)
 
 
+def _checkpointed(warp_fn, interp_method, fill_value):
+    """`f(image, disp)`: `warp_fn` whose gradient recomputes the warp (`tf.recompute_grad`).
+
+    Autodiff would keep every intermediate of the trilinear warp for the backward pass (the
+    coordinates, the 8 corner indices, weights and gathered values: about 30 values per voxel and
+    channel), which for the 14 full-resolution squaring steps of an MDReg-Net training step at
+    176x192x176 passed 20 GiB. Recomputing the warp in the backward pass keeps only its inputs;
+    the gradient is the same computation (`tf.recompute_grad` adds a zero to the inputs to order
+    the recomputation, which leaves them unchanged).
+    """
+    if interp_method != "linear":
+        return lambda image, disp: warp_fn(image, disp, interp_method, fill_value)
+    return tf.recompute_grad(lambda image, disp: warp_fn(image, disp, interp_method, fill_value))
+
+
 def warp(image, disp, interp_method="linear", fill_value=0.0, jit_compile=None):
     """Warps `image` by the displacement `disp` (pull back): `out(p) = image(p + disp(p))`.
 
@@ -151,7 +168,8 @@ def warp(image, disp, interp_method="linear", fill_value=0.0, jit_compile=None):
         jit_compile: compile this function with XLA; None takes `WARP_XLA_DEFAULT`.
 
     Returns:
-        `(B, *spatial, C)` tensor of `image.dtype`.
+        `(B, *spatial, C)` tensor of `image.dtype`. For 'linear', the gradient recomputes the warp
+        in the backward pass instead of keeping its intermediates (`_checkpointed`).
 
     Raises:
         ValueError: for ranks that do not match or an unknown `interp_method`.
@@ -173,13 +191,14 @@ def warp(image, disp, interp_method="linear", fill_value=0.0, jit_compile=None):
         fill_value = float(fill_value)
     use_xla = WARP_XLA_DEFAULT if jit_compile is None else jit_compile
     fn = _warp_xla if use_xla else _warp_graph
-    return fn(image, disp, interp_method, fill_value)
+    return _checkpointed(fn, interp_method, fill_value)(image, disp)
 
 
 def _integrate(vel, int_steps, warp_fn):
     disp = tf.cast(vel, tf.float32) / (2.0 ** int_steps)
+    step = _checkpointed(warp_fn, "linear", None)
     for _ in range(int_steps):
-        disp = disp + warp_fn(disp, disp, "linear", None)
+        disp = disp + step(disp, disp)
     return tf.cast(disp, vel.dtype)
 
 
@@ -193,6 +212,9 @@ def integrate_svf(vel, int_steps=7, jit_compile=None):
     With XLA, each squaring step is compiled on its own: at 80x96x80 on 2 CPU cores that was
     6x faster forward and 2x faster in gradient than the plain graph, while compiling the whole
     7-step loop as one XLA program was 10x SLOWER forward (`experiments/benchmark_warp.py`).
+    Each step's gradient recomputes its warp (`_checkpointed`), so the backward pass keeps one
+    field per step: 1.35 instead of 2.97 GiB peak for the gradient of 7 steps and a warp at
+    80x112x80, 10% more time.
 
     Args:
         vel: `(B, *spatial, ndims)` SVF in voxels (float; computed in float32).
@@ -244,38 +266,20 @@ def _as_factors(zoom_factor, ndims):
     return factors
 
 
-def resize(x, zoom_factor=None, output_size=None):
-    """Linear resize of the spatial axes of `x` with voxel-centre alignment (no magnitude scaling).
+def _static_spatial(x):
+    """Whether every spatial size of `x` is known while tracing (XLA needs them static)."""
+    return x.shape.rank is not None and all(n is not None for n in x.shape[1:-1])
 
-    Coarse voxel `i` sits at fine coordinate `s*i + (s-1)/2` (as `tf.image.resize` with half-pixel
-    centres); samples beyond the outer voxel centres replicate the border, as `tf.image.resize`.
-    Separable: one two-tap gather per axis.
 
-    Args:
-        x: `(B, *spatial, C)` float tensor.
-        zoom_factor: number or per-axis sequence `s`; output size `round(n * s)`.
-        output_size: alternatively the output spatial size; the factor is `out / in` per axis.
+def _use_xla(jit_compile, x):
+    """XLA for a resize or a smoothing: on by default (`WARP_XLA_DEFAULT`), static sizes only."""
+    use = WARP_XLA_DEFAULT if jit_compile is None else jit_compile
+    return bool(use) and _static_spatial(x)
 
-    Returns:
-        `(B, *out_spatial, C)` tensor of `x.dtype`.
 
-    Raises:
-        ValueError: if neither or both of `zoom_factor`/`output_size` are given, or for factors
-            that are not positive.
-    """
-    x = tf.convert_to_tensor(x)
+def _resize_graph(x, factors, output_size, scale):
+    """`resize` (and `rescale_field` when `scale` is given), no argument checks; see `resize`."""
     ndims = x.shape.rank - 2
-    if (zoom_factor is None) == (output_size is None):
-        raise ValueError("give exactly one of zoom_factor and output_size")
-    in_size = [x.shape[1 + a] for a in range(ndims)]
-    if output_size is not None:
-        output_size = [int(n) for n in output_size]
-        if len(output_size) != ndims or None in in_size:
-            raise ValueError(f"output_size {output_size} needs {ndims} static input sizes, got "
-                             f"{in_size}")
-        factors = [o / i for o, i in zip(output_size, in_size)]
-    else:
-        factors = _as_factors(zoom_factor, ndims)
     dtype = x.dtype
     for axis, s in enumerate(factors):
         if s == 1.0:
@@ -298,10 +302,60 @@ def resize(x, zoom_factor=None, output_size=None):
         bshape[1 + axis] = -1
         w = tf.cast(tf.reshape(w, bshape), dtype)
         x = tf.gather(x, lo, axis=1 + axis) * (1 - w) + tf.gather(x, hi, axis=1 + axis) * w
+    if scale is not None:
+        x = x * tf.constant(scale, x.dtype)
     return x
 
 
-def rescale_field(field, zoom_factor=None, output_size=None):
+_resize_xla = tf.function(_resize_graph, jit_compile=True, autograph=False)
+
+
+def _resize_factors(x, zoom_factor, output_size):
+    """Validated `(factors, output_size)` of `resize` as tuples (hashable: traced once each)."""
+    ndims = x.shape.rank - 2
+    if (zoom_factor is None) == (output_size is None):
+        raise ValueError("give exactly one of zoom_factor and output_size")
+    in_size = [x.shape[1 + a] for a in range(ndims)]
+    if output_size is not None:
+        output_size = tuple(int(n) for n in output_size)
+        if len(output_size) != ndims or None in in_size:
+            raise ValueError(f"output_size {list(output_size)} needs {ndims} static input sizes, "
+                             f"got {in_size}")
+        factors = tuple(o / i for o, i in zip(output_size, in_size))
+    else:
+        factors = _as_factors(zoom_factor, ndims)
+    return factors, output_size
+
+
+def resize(x, zoom_factor=None, output_size=None, jit_compile=None):
+    """Linear resize of the spatial axes of `x` with voxel-centre alignment (no magnitude scaling).
+
+    Coarse voxel `i` sits at fine coordinate `s*i + (s-1)/2` (as `tf.image.resize` with half-pixel
+    centres); samples beyond the outer voxel centres replicate the border, as `tf.image.resize`.
+    Separable: one two-tap gather per axis.
+
+    Args:
+        x: `(B, *spatial, C)` float tensor.
+        zoom_factor: number or per-axis sequence `s`; output size `round(n * s)`.
+        output_size: alternatively the output spatial size; the factor is `out / in` per axis.
+        jit_compile: compile the resize with XLA (None: `WARP_XLA_DEFAULT`, on), which fuses the
+            per-axis passes (4x faster for a full-resolution field on a 2-core CPU); used only
+            when the spatial sizes of `x` are static.
+
+    Returns:
+        `(B, *out_spatial, C)` tensor of `x.dtype`.
+
+    Raises:
+        ValueError: if neither or both of `zoom_factor`/`output_size` are given, or for factors
+            that are not positive.
+    """
+    x = tf.convert_to_tensor(x)
+    factors, output_size = _resize_factors(x, zoom_factor, output_size)
+    fn = _resize_xla if _use_xla(jit_compile, x) else _resize_graph
+    return fn(x, factors, output_size, None)
+
+
+def rescale_field(field, zoom_factor=None, output_size=None, jit_compile=None):
     """Resizes a displacement or velocity field AND scales its magnitude (voxel units change).
 
     Component `c` is multiplied by the factor of axis `c`, so a constant field `t` becomes the
@@ -311,6 +365,7 @@ def rescale_field(field, zoom_factor=None, output_size=None):
         field: `(B, *spatial, ndims)` float tensor in voxels of its grid.
         zoom_factor: number or per-axis sequence `s` (2 = twice as many voxels per axis).
         output_size: alternatively the output spatial size.
+        jit_compile: as `resize`.
 
     Returns:
         `(B, *out_spatial, ndims)` field in voxels of the output grid.
@@ -322,12 +377,9 @@ def rescale_field(field, zoom_factor=None, output_size=None):
     ndims = field.shape[-1]
     if field.shape.rank != ndims + 2:
         raise ValueError(f"field must be (B, *spatial, ndims), got shape {field.shape}")
-    out = resize(field, zoom_factor=zoom_factor, output_size=output_size)
-    if zoom_factor is not None:
-        factors = _as_factors(zoom_factor, ndims)
-    else:
-        factors = [o / field.shape[1 + a] for a, o in enumerate(output_size)]
-    return out * tf.constant(factors, out.dtype)
+    factors, output_size = _resize_factors(field, zoom_factor, output_size)
+    fn = _resize_xla if _use_xla(jit_compile, field) else _resize_graph
+    return fn(field, factors, output_size, factors)
 
 
 def gaussian_kernel_1d(sigma, kernel_size):
@@ -341,26 +393,10 @@ def gaussian_kernel_1d(sigma, kernel_size):
     return taps / taps.sum()
 
 
-def gaussian_smooth(x, sigma=1.732, kernel_size=3):
-    """Separable per-channel Gaussian smoothing of the spatial axes, reflecting at the faces.
-
-    Matches `scipy.ndimage.gaussian_filter(mode='reflect', radius=kernel_size // 2)` (symmetric
-    padding `d c b a | a b c d`), so a constant field is preserved exactly, also at the faces.
-
-    Args:
-        x: `(B, *spatial, C)` float tensor (image or displacement/velocity field).
-        sigma: standard deviation in voxels (1.732, ANTs' default, in MDReg-Net).
-        kernel_size: odd number of taps per axis (3 in MDReg-Net).
-
-    Returns:
-        Tensor of the shape and dtype of `x`.
-    """
-    x = tf.convert_to_tensor(x)
+def _smooth_graph(x, taps):
+    """`gaussian_smooth` with the taps given, no argument checks; see `gaussian_smooth`."""
     ndims = x.shape.rank - 2
-    taps = gaussian_kernel_1d(sigma, kernel_size)
-    r = kernel_size // 2
-    if r == 0:
-        return x
+    r = len(taps) // 2
     for axis in range(ndims):
         pad = [[0, 0]] * (ndims + 2)
         pad[1 + axis] = [r, r]
@@ -373,6 +409,35 @@ def gaussian_smooth(x, sigma=1.732, kernel_size=3):
             out = term if out is None else out + term
         x = out
     return x
+
+
+_smooth_xla = tf.function(_smooth_graph, jit_compile=True, autograph=False)
+
+
+def gaussian_smooth(x, sigma=1.732, kernel_size=3, jit_compile=None):
+    """Separable per-channel Gaussian smoothing of the spatial axes, reflecting at the faces.
+
+    Matches `scipy.ndimage.gaussian_filter(mode='reflect', radius=kernel_size // 2)` (symmetric
+    padding `d c b a | a b c d`), so a constant field is preserved exactly, also at the faces.
+
+    Args:
+        x: `(B, *spatial, C)` float tensor (image or displacement/velocity field).
+        sigma: standard deviation in voxels (1.732, ANTs' default, in MDReg-Net).
+        kernel_size: odd number of taps per axis (3 in MDReg-Net).
+        jit_compile: compile the smoothing with XLA (None: `WARP_XLA_DEFAULT`, on), which fuses
+            the passes (6x faster for a full-resolution field on a 2-core CPU); used only when the
+            spatial sizes of `x` are static.
+
+    Returns:
+        Tensor of the shape and dtype of `x`.
+    """
+    x = tf.convert_to_tensor(x)
+    taps = gaussian_kernel_1d(sigma, kernel_size)
+    if kernel_size // 2 == 0:
+        return x
+    taps = tuple(float(w) for w in taps)
+    fn = _smooth_xla if _use_xla(jit_compile, x) else _smooth_graph
+    return fn(x, taps)
 
 
 def avg_pool_pyramid(image, levels, pool_size=3, strides=2):
@@ -515,6 +580,7 @@ class RescaleTransform(keras.layers.Layer):
 
     Args:
         zoom_factor: number or per-axis list (2 doubles the grid and the vectors; 0.5 halves).
+        jit_compile: compile the resize with XLA (None: `WARP_XLA_DEFAULT`, on; static sizes).
 
     Call arguments:
         inputs: `(B, *spatial, ndims)` field in voxels.
@@ -528,7 +594,7 @@ class RescaleTransform(keras.layers.Layer):
         brought to full resolution by linear interpolation).
     """
 
-    def __init__(self, zoom_factor, **kwargs):
+    def __init__(self, zoom_factor, jit_compile=None, **kwargs):
         super().__init__(**kwargs)
         if isinstance(zoom_factor, (list, tuple)):
             zoom_factor = [float(z) for z in zoom_factor]
@@ -536,9 +602,10 @@ class RescaleTransform(keras.layers.Layer):
             zoom_factor = float(zoom_factor)
         _as_factors(zoom_factor, len(zoom_factor) if isinstance(zoom_factor, list) else 1)
         self.zoom_factor = zoom_factor
+        self.jit_compile = jit_compile
 
     def call(self, inputs):
-        return rescale_field(inputs, zoom_factor=self.zoom_factor)
+        return rescale_field(inputs, zoom_factor=self.zoom_factor, jit_compile=self.jit_compile)
 
     def compute_output_shape(self, input_shape):
         ndims = len(input_shape) - 2
@@ -549,7 +616,7 @@ class RescaleTransform(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(zoom_factor=self.zoom_factor)
+        config.update(zoom_factor=self.zoom_factor, jit_compile=self.jit_compile)
         return config
 
 
@@ -561,6 +628,7 @@ class GaussianSmooth3D(keras.layers.Layer):
         sigma: standard deviation in voxels (MDReg-Net: 1.732, ANTs' default).
         kernel_size: odd taps per axis (MDReg-Net: 3, i.e. a 3x3x3 kernel).
         ndims: 2 or 3; None infers it from the input rank (so this layer also serves 2D).
+        jit_compile: compile the smoothing with XLA (None: `WARP_XLA_DEFAULT`, on; static sizes).
 
     Call arguments:
         inputs: `(B, *spatial, C)` float tensor, e.g. a displacement or velocity field in voxels.
@@ -574,12 +642,13 @@ class GaussianSmooth3D(keras.layers.Layer):
         Avants et al. 2011 (ANTs SyN Gaussian regularisation).
     """
 
-    def __init__(self, sigma=1.732, kernel_size=3, ndims=None, **kwargs):
+    def __init__(self, sigma=1.732, kernel_size=3, ndims=None, jit_compile=None, **kwargs):
         super().__init__(**kwargs)
         gaussian_kernel_1d(sigma, kernel_size)  # validates
         self.sigma = float(sigma)
         self.kernel_size = int(kernel_size)
         self.ndims = ndims
+        self.jit_compile = jit_compile
 
     def build(self, input_shape):
         if self.ndims is not None and len(input_shape) - 2 != self.ndims:
@@ -587,14 +656,15 @@ class GaussianSmooth3D(keras.layers.Layer):
                              f"{input_shape}")
 
     def call(self, inputs):
-        return gaussian_smooth(inputs, self.sigma, self.kernel_size)
+        return gaussian_smooth(inputs, self.sigma, self.kernel_size, self.jit_compile)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape)
 
     def get_config(self):
         config = super().get_config()
-        config.update(sigma=self.sigma, kernel_size=self.kernel_size, ndims=self.ndims)
+        config.update(sigma=self.sigma, kernel_size=self.kernel_size, ndims=self.ndims,
+                      jit_compile=self.jit_compile)
         return config
 
 
