@@ -27,7 +27,8 @@ Peers:
   diffeomorphic with 7 scaling-and-squaring steps; 0.3.x has no `int_downsize`: it integrates at
   full resolution), UNTRAINED weights (the cost of a forward pass does not depend on them), in
   `torch.inference_mode()`, returning the displacement and the warped moving image, copied to the
-  host.
+  host. Its U-Net pools 5 times, so the pair is zero-padded to multiples of 32 (176x192x176 to
+  192x192x192, 80x112x80 to 96x128x96) and the outputs cropped back, as a user has to.
 """
 
 import argparse
@@ -121,13 +122,22 @@ def run_voxelmorph_torch(moving, fixed, repeats, threads, device):
     torch.manual_seed(0)
     model = vxm.nn.models.VxmPairwise(ndim=3, source_channels=1, target_channels=1,
                                       integration_steps=7, device=str(dev)).to(dev).eval()
-    source = torch.from_numpy(np.ascontiguousarray(moving, np.float32)[None, None]).to(dev)
-    target = torch.from_numpy(np.ascontiguousarray(fixed, np.float32)[None, None]).to(dev)
+    # The U-Net pools 2x once per level and needs sizes divisible by 2**levels (32 for the
+    # default 5 levels): zero-pad to the next multiple, as a user must, and crop the outputs.
+    divisor = 2 ** sum(isinstance(m, torch.nn.MaxPool3d) for m in model.modules())
+    pad = [((-n) % divisor // 2, (-n) % divisor - (-n) % divisor // 2) for n in moving.shape]
+    crop = tuple(slice(b, b + n) for (b, _), n in zip(pad, moving.shape))
+
+    def tensor(array):
+        array = np.pad(np.asarray(array, np.float32), pad)
+        return torch.from_numpy(np.ascontiguousarray(array)[None, None]).to(dev)
+
+    source, target = tensor(moving), tensor(fixed)
 
     def call():
         with torch.inference_mode():
             disp, warped = model(source, target, return_warped_source=True)
-            disp.cpu().numpy(), warped.cpu().numpy()
+            disp[(..., *crop)].cpu().numpy(), warped[(..., *crop)].cpu().numpy()
 
     if use_gpu:
         torch.cuda.reset_peak_memory_stats(dev)
@@ -139,7 +149,10 @@ def run_voxelmorph_torch(moving, fixed, repeats, threads, device):
                           "torch": torch.__version__},
               "settings": f"VxmPairwise(ndim=3, integration_steps=7), package defaults otherwise, "
                           f"untrained, inference_mode, {'cuda' if use_gpu else 'cpu'}, "
-                          f"{threads} torch threads",
+                          f"{threads} torch threads, zero-padded to "
+                          f"{'x'.join(str(n + sum(p)) for n, p in zip(moving.shape, pad))} "
+                          f"(sizes divisible by {divisor})",
+              "padded_shape": [n + sum(p) for n, p in zip(moving.shape, pad)],
               "params": int(sum(p.numel() for p in model.parameters())),
               "device": "gpu" if use_gpu else "cpu",
               "times_s": times, "loadavg_start": start_load, "loadavg_end": end_load}
