@@ -49,11 +49,13 @@ the targets of issue #5 with the measured values) printed and written next to th
 default experiments/results/benchmark_{cpu,gpu}.json and .md), both rewritten after every cell, so
 an interrupted run leaves what it measured.
 
-Runtime of the default command: about 30 minutes on an idle 2-core CPU (Xeon, AVX-512) with the
-six models of the factory of issue #5: the 1 mm cells take 30-90 s each, the 2 mm cells about
-15 s, ANTs SyN about 1-3 minutes per size, VoxelMorph-torch under a minute. More models, more
-load or `--repeats` make it longer; `--models`, `--sizes`, `--no_train` and `--peer_sizes` make it
-shorter.
+Runtime of the default command on an idle 2-core CPU (Xeon with AVX-512, TF 2.21), with the
+nine models registered at the time: 36.5 minutes measured with a phase budget of 30 s; the
+default budget is now 15 s, which by that run's per-call times makes it about 31 minutes. A 1 mm
+cell takes 70-120 s (the first training step, tracing and compiling the gradient, is 25-55 s of
+it), a 2 mm cell 20-40 s, ANTs SyN 6 s at 2 mm and 70 s at 176x192x176, VoxelMorph-torch 2 s and
+11 s per call. More models or load make it longer; `--models`, `--sizes`, `--no_train` and
+`--peer_sizes` make it shorter.
 """
 
 import argparse
@@ -332,7 +334,7 @@ def make_train_step(model, shape, mixed_precision=False, lr=1e-4):
 
 
 def measure_model(name, shape, moving, fixed, repeats=3, train=True, inverse=False,
-                  mixed_precision=False, phase_budget_s=30.0, hparams=None, report=None):
+                  mixed_precision=False, phase_budget_s=15.0, hparams=None, report=None):
     """Times one model's inference and training step on one pair, in this process.
 
     Args:
@@ -812,7 +814,7 @@ def build_parser():
                         help="comma-separated XxYxZ sizes")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed calls per phase after the first (inference, train step)")
-    parser.add_argument("--phase_budget_s", type=float, default=30.0,
+    parser.add_argument("--phase_budget_s", type=float, default=15.0,
                         help="a phase stops repeating once its repeats took this long")
     parser.add_argument("--no_train", action="store_true", help="skip the training step")
     parser.add_argument("--inverse", action="store_true",
@@ -826,7 +828,8 @@ def build_parser():
                         help="interpreter with the peers installed (default: this one), or "
                              "'ants=PATH,voxelmorph_torch=PATH'")
     parser.add_argument("--peer_repeats", type=int, default=1,
-                        help="ANTs registrations per size; VoxelMorph-torch calls after the first")
+                        help="ANTs registrations per size (VoxelMorph-torch makes --repeats calls "
+                             "after the first, as the models)")
     parser.add_argument("--pair", default=None,
                         help="MOVING,FIXED NIfTI files (default: the OASIS pair of "
                              "../shared/data/oasis)")
@@ -978,7 +981,8 @@ def main(argv=None):
                 name = f"peer_{peer}_{size_name(size)}"
                 result_path = os.path.join(tmp, f"{name}.result.json")
                 cmd = [peer_python[peer], PEER_RUNNER, "--peer", peer, "--pair", pair_paths[size],
-                       "--out", result_path, "--repeats", str(args.peer_repeats),
+                       "--out", result_path, "--repeats",
+                       str(args.peer_repeats if peer == "ants" else args.repeats),
                        "--device", args.device]
                 result, problem, peak = run_child(cmd, result_path,
                                                   os.path.join(tmp, f"{name}.log"),
