@@ -21,6 +21,11 @@ import tempfile
 import nibabel as nib
 import numpy as np
 
+try:  # ISA-L's gzip: same format as zlib's, about 20x faster to write at level 1 (#8)
+    from isal import igzip as _gzip_writer
+except ImportError:  # pragma: no cover - a platform without an isal wheel
+    _gzip_writer = gzip
+
 KINDS = ("image", "labels", "field")
 NIFTI_INTENT_VECTOR = 1007
 _NIFTI_CLASSES = (nib.Nifti1Image, nib.Nifti2Image)
@@ -513,7 +518,23 @@ def save_volume(path, array, affine, header=None, dtype=None):
         header.set_slope_inter(None, None)
     img = nib.Nifti1Image(array, affine, header=header, dtype=dtype)
     img.set_data_dtype(dtype)
-    atomic_write(path, lambda tmp: nib.save(img, tmp))
+    atomic_write(path, lambda tmp: _write_nifti(img, tmp))
+
+
+def _write_nifti(img, path):
+    """Writes a single-file NIfTI image to `path`; gzip-compressed when it ends in `.gz`.
+
+    nibabel's own `.nii.gz` writer goes through zlib at level 1 (about 0.2 s for a 2 mm
+    displacement field); ISA-L's (`isal.igzip`, level 1, when installed) writes the same standard
+    gzip stream, of about the same size, some 20 times faster. Any gzip reader opens it.
+    """
+    path = os.fspath(path)
+    if not path.endswith(".gz"):
+        nib.save(img, path)
+        return
+    data = _gzip_writer.compress(img.to_bytes(), compresslevel=1)
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 def save_displacement_itk(path, disp_vox, affine, header=None):
@@ -557,7 +578,7 @@ def save_displacement_itk(path, disp_vox, affine, header=None):
     header.set_xyzt_units("mm", header.get_xyzt_units()[1])
     img = nib.Nifti1Image(world, affine, header=header, dtype=np.float32)
     img.header.set_intent("vector", (), name="")
-    atomic_write(path, lambda tmp: nib.save(img, tmp))
+    atomic_write(path, lambda tmp: _write_nifti(img, tmp))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -310,12 +310,34 @@ def test_save_volume_failure_mid_write(tmp_path, monkeypatch):
             f.write(b"\x1f\x8b partial")
         raise RuntimeError("disk went away")
 
-    monkeypatch.setattr(nib, "save", failing_save)
+    monkeypatch.setattr(io, "_write_nifti", failing_save)
     with pytest.raises(RuntimeError, match="disk went away") as info:
         io.save_volume(path, np.zeros((3, 3, 3), np.float32), AFFINE_2MM)
     assert str(info.value).startswith(path)
     assert open(path, "rb").read() == before
     assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("name", ["out.nii.gz", "out.nii"])
+def test_save_volume_writes_standard_nifti(tmp_path, name):
+    """The fast gzip writer (ISA-L) gives a standard gzip stream: Python's gzip and nibabel read
+    back the exact values, dtype, affine and header units; `.nii` stays uncompressed."""
+    rng = np.random.default_rng(3)
+    disp = rng.standard_normal((9, 8, 7, 3)).astype(np.float32)
+    header = nib.Nifti1Header()
+    header.set_xyzt_units("mm", "sec")
+    path = str(tmp_path / name)
+    io.save_volume(path, disp, AFFINE_2MM, header, dtype=np.float32)
+    raw = open(path, "rb").read()
+    if name.endswith(".gz"):
+        assert raw[:2] == b"\x1f\x8b"
+        raw = gzip.decompress(raw)
+    assert raw[344:348] == b"n+1\x00"  # single-file NIfTI-1 magic
+    img = nib.load(path)
+    np.testing.assert_array_equal(np.asarray(img.dataobj), disp)
+    assert img.get_data_dtype() == np.float32
+    np.testing.assert_allclose(img.affine, AFFINE_2MM)
+    assert img.header.get_xyzt_units() == ("mm", "sec")
 
 
 def test_save_into_missing_folder(tmp_path):
