@@ -95,3 +95,15 @@ PEER_PYTHON ?= $(PY)
 .PHONY: benchmark
 benchmark:
 	$(PY) experiments/benchmark.py --peer_python $(PEER_PYTHON)
+
+# Cohort-mode throughput (#8) with the shipped model on the prepared IXI cohort at 2 mm, atlas
+# propagation and registration to a template, batch sizes 1, 2 and 4 (writes
+# experiments/results/benchmark_cohort_ixi_{atlas,to_template}.{md,json}).
+.PHONY: benchmark-cohort
+benchmark-cohort:
+	@test -d $(IXI_PREP)/images || { echo "$(IXI_PREP) is missing: run 'make prepare-ixi' first"; exit 1; }
+	for mode in atlas to_template; do \
+	  $(PY) experiments/benchmark_cohort.py --images $(IXI_PREP)/images --labels $(IXI_PREP)/labels \
+	      --n 19 --batch_sizes 1,2,4 --mode $$mode \
+	      --out experiments/results/benchmark_cohort_ixi_$$mode.json || exit 1; \
+	done

@@ -26,14 +26,14 @@ normalised as `mdregnet.infer` does. A subject that fails any of this gets the C
 Data flow (CONVENTIONS.md). The model is loaded once (`infer.fit_model`: rebuilt for the grid,
 or the images zero-padded to a multiple of its down-sampling factor and every output cropped
 back). A `tf.data` pipeline reads and normalises the subjects in parallel (`num_parallel_calls`,
-`prefetch`), yielding batches of `--batch_size` images `(B, X', Y', Z', 1)` float32 on the padded
-grid (the last batch is filled up with empty slots, so every call has the same shape and one
-traced `tf.function` serves the whole cohort). The reference image is tiled to the batch and
-takes the fixed (A) or moving (B) slot of `model([moving, fixed])`; the call returns, per
-subject, `disp` `(X, Y, Z, 3)` in voxels of the reference grid (`warped(p) = moving(p +
-disp(p))`), the warped moving image and `det(I + grad disp)`. The moving label map (A: the
-subject's; B: the atlas') is warped by nearest neighbour (`infer.warp_labels`). While the next
-batch runs, a small thread pool computes each subject's numbers and writes its folder.
+`prefetch`, fixed parallelism), yielding batches of `--batch_size` images `(B, X', Y', Z', 1)`
+float32 on the padded grid (the last batch is filled up with empty slots, so every call has the
+same shape and one traced `tf.function` serves the whole cohort). The reference image is tiled
+to the batch and takes the fixed (A) or moving (B) slot of `model([moving, fixed])`; the call
+returns, per subject, `disp` `(X, Y, Z, 3)` in voxels of the reference grid (`warped(p) =
+moving(p + disp(p))`), the warped moving image and `det(I + grad disp)`. The moving label map
+(A: the subject's; B: the atlas') is warped by nearest neighbour (`infer.warp_labels`). While
+the next batch runs, a small thread pool computes each subject's numbers and writes its folder.
 
 With `--refine_steps N` (> 0; diffeomorphic models), each subject's velocity field is then
 refined by N Adam steps on the model's own loss (`mdregnet.refine`), one subject at a time.
@@ -81,15 +81,15 @@ configuration`, as the tests do).
 
 Several hosts (`--strategy multi_worker`, `tf.distribute.MultiWorkerMirroredStrategy`, the
 cluster in `TF_CONFIG` as for training): the same command on every host, with the same folders
-(`--out` on storage every host sees). The subjects still to do are listed by every worker, checked to be the
-same list (an all-reduce of a fingerprint), and split by position: worker w of W takes subjects
-w, w + W, w + 2W, ... Each worker runs its own input pipeline and model call on its local device
-(one worker per GPU: give each process its `CUDA_VISIBLE_DEVICES`), writes its subjects'
-folders, and takes no part in the others' calls (inference has nothing to synchronise). At the end the workers meet (an
-all-reduce) and the chief writes cohort.csv with every worker's rows, which the others leave in
-the output folder (`.cohort-rows-worker<w>.json`, removed by the chief). A worker lost on the way
-stops the others at that meeting (status 75, as in training); the rerun skips every subject
-whose folder is complete.
+(`--out` on storage every host sees). The subjects still to do are listed by every worker,
+checked to be the same list (an all-reduce of a fingerprint), and split by position: worker w of
+W takes subjects w, w + W, w + 2W, ... Each worker runs its own input pipeline and model call on
+its local device (one worker per GPU: give each process its `CUDA_VISIBLE_DEVICES`), writes its
+subjects' folders, and takes no part in the others' calls (inference has nothing to
+synchronise). At the end the workers meet (an all-reduce) and the chief writes cohort.csv with
+every worker's rows, which the others leave in the output folder (`.cohort-rows-worker<w>.json`,
+removed by the chief). A worker lost on the way stops the others at that meeting (status 75, as
+in training); the rerun skips every subject whose folder is complete.
 
     # on each of 2 hosts, "index" 0 and 1
     TF_CONFIG='{"cluster": {"worker": ["host0:12345", "host1:12345"]}, "task": {"type": "worker", "index": 0}}' \
@@ -456,7 +456,7 @@ class CohortRegistration:
             return {"index": index, "image": tf.ensure_shape(image, shape)}
 
         ds = tf.data.Dataset.from_tensor_slices((indices, paths, label_paths))
-        ds = ds.map(load_element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.map(load_element, num_parallel_calls=self.workers, deterministic=True)
         return self._distribute(ds)
 
     def _distribute(self, ds):
@@ -465,7 +465,12 @@ class CohortRegistration:
         options = tf.data.Options()
         options.experimental_distribute.auto_shard_policy = \
             tf.data.experimental.AutoShardPolicy.OFF
-        ds = ds.batch(self.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+        # Fixed parallelism (`self.workers` readers, one batch ahead) instead of AUTOTUNE: with
+        # autotuning on, destroying the exhausted iterator waited ~2 s for tf.data's autotuning
+        # thread at the end of about every other run (seen with py-spy; the model call is the
+        # bottleneck, so autotuning had nothing to gain).
+        options.autotune.enabled = False
+        ds = ds.batch(self.batch_size, drop_remainder=True).prefetch(1)
         return self.strategy.experimental_distribute_dataset(ds.with_options(options))
 
     def _all_reduce_sum(self, value):
