@@ -379,3 +379,35 @@ def test_mixed_precision_dtypes():
     assert u.dtype == tf.float16
     smoothed = layers.GaussianSmooth3D(dtype="mixed_float16")(disp)
     assert smoothed.dtype == tf.float16
+
+
+@pytest.mark.parametrize("op, shape, arg", [
+    ("rescale", (6, 5, 7), 2), ("rescale", (3, 4, 5), 8), ("rescale", (4, 5, 3), (3, 1, 2)),
+    ("rescale", (6, 7), 2), ("resize", (5, 6, 4), 4), ("rescale", (6, 5, 7), 0.5),
+    ("smooth", (6, 5, 7), 1.732), ("smooth", (6, 7), 1.0)])
+def test_gradients_of_resize_and_smoothing_are_the_adjoints(op, shape, arg):
+    """The XLA paths give the gradients of their forward pass: the gradient of <f(x), y> is the
+    plain-graph autodiff one, and <f(x), y> = <x, f^T(y)> (f is linear), for integer factors
+    (slice-based backward pass) and others (autodiff of the gathers)."""
+    ndims = len(shape)
+    x = tf.constant(RNG.normal(size=(2, *shape, ndims)).astype(np.float32))
+
+    def f(t, xla):
+        if op == "rescale":
+            return layers.rescale_field(t, arg, jit_compile=xla)
+        if op == "resize":
+            return layers.resize(t, arg, jit_compile=xla)
+        return layers.gaussian_smooth(t, sigma=arg, kernel_size=3, jit_compile=xla)
+
+    y = tf.constant(RNG.normal(size=f(x, False).shape).astype(np.float32))
+    grads = []
+    for xla in (True, False):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            inner = tf.reduce_sum(f(x, xla) * y)
+        grads.append(tape.gradient(inner, x).numpy())
+    scale = np.abs(grads[1]).max()  # sums of up to 8^3 products of O(1) values
+    np.testing.assert_allclose(grads[0], grads[1], rtol=0, atol=1e-5 * scale)
+    lhs = float(tf.reduce_sum(f(x, True) * y))
+    rhs = float(np.sum(x.numpy() * grads[0]))
+    assert lhs == pytest.approx(rhs, rel=1e-4, abs=1e-3)
