@@ -18,7 +18,8 @@ refined transform is still `exp(v)` by the model's scaling and squaring (diffeom
 discretisation, as the network's own output), and with 0 steps it IS the model's output (checked
 at run time, to `START_TOLERANCE` voxels, and in `tests/test_refine.py` to 1e-5):
 
-    mdregnet   velocity at full resolution; smoothing 'deformation' (default):
+    mdregnet   velocity at full resolution (at 1/int_downsize with that option, the
+               displacement then rescaled as for voxelmorph); smoothing 'deformation' (default):
                disp = G_sigma(exp(v)), inverse_disp = G_sigma(exp(-v));
                'velocity': the output velocity is already G_sigma(v_raw), so the refined field is
                v_0 + G_sigma(delta) with delta optimised from 0 (G is linear: exactly the model's

@@ -12,11 +12,17 @@ Data flow (L = 3 levels, l = 1 coarsest, as in the paper):
     Phi(v~^l) = exp(v~^l)              (scaling and squaring, 7 steps, on level l's grid)
     final: v = up2(v~^3) at full resolution; Gaussian smoothing (sigma 1.732, 3x3x3) of the
            deformation (default) or of the velocity; disp = exp(v) - id, inverse_disp = exp(-v) - id
+    opt-in (`int_downsize=2`, not the paper's): v = v~^3 is integrated on its own 1/2 grid and
+           the displacements are resized to full resolution (magnitude scaled) before the
+           deformation smoothing, as VoxelMorph's `int_downsize=2` does. About 5x cheaper
+           integration (at 176x192x176 on 2 CPU cores: inference 1.46 -> ~1.1 s, training step
+           see the README's "Speed and memory"); the warps stay at full resolution.
 
 Output keys. Level keys use the paper's index l (1 = coarsest):
     'warped', 'warped_fixed'     (B, *spatial, 1): I_m o Phi, I_f o Phi^-  (full resolution)
     'disp', 'inverse_disp'       (B, *spatial, ndims) voxels: final forward/inverse displacement
-    'velocity'                   (B, *spatial, ndims) voxels: full-resolution SVF that is integrated
+    'velocity'                   (B, *spatial / int_downsize, ndims) voxels of its grid: the SVF
+                                 that is integrated (full resolution by default)
     'velocity_level{l}'          (B, *spatial / 2^(4-l), ndims): incremental SVF v^l (regularised)
     'warped_level{l}', 'warped_fixed_level{l}', for l < L: the pooled images I_m^l, I_f^l warped on
                                  level l's grid by Phi(v~^l), Phi^-(v~^l) (deep self-supervision)
@@ -79,10 +85,14 @@ class MDRegNet(Method):
         "head_features": [32, 16],
         "levels": 3,  # S1..S3: SVFs at 1/8, 1/4, 1/2 resolution
         "int_steps": 7,  # scaling and squaring steps (paper, after Dalca et al. 2019)
+        # Grid of the final integration, 1 / int_downsize of the input: 1 is the paper (SVF
+        # interpolated to full resolution, then integrated); 2 integrates the 1/2-resolution
+        # SVF and resizes the displacement (VoxelMorph's default), a speed option (#5).
+        "int_downsize": 1,
         # Spatial smoothing layer: sigma 1.732 voxels, 3x3x3 (ANTs' default), at full resolution.
         # The text says it smooths "the deformation fields at the finest resolution ... as used in
         # ANTs": default 'deformation' (the integrated displacement, forward and inverse each);
-        # 'velocity' smooths the full-resolution SVF before integration instead; 'none' is the
+        # 'velocity' smooths the SVF before integration (on its grid) instead; 'none' is the
         # paper's ablation without the layer (then lam 0.5 or 1.0, Table 3).
         "smoothing": "deformation",
         "smooth_sigma": 1.732,
@@ -140,9 +150,15 @@ class MDRegNet(Method):
                 [moving, disp_full])
 
         # Final SVF to full resolution by linear interpolation (paper: "obtained from the output
-        # of the 1/2 resolution using linear interpolation").
+        # of the 1/2 resolution using linear interpolation"), or to the 1/int_downsize grid.
         grid = depth - n_levels
-        velocity = layers.RescaleTransform(2 ** grid, name="velocity_full")(v_acc)
+        downsize = int(hp["int_downsize"])
+        if downsize < 1 or (2 ** grid) % downsize:
+            raise ValueError(f"int_downsize must divide {2 ** grid} (the SVF of level "
+                             f"{n_levels} is at 1/{2 ** grid} resolution), got {downsize}")
+        velocity = v_acc
+        if 2 ** grid // downsize > 1:
+            velocity = layers.RescaleTransform(2 ** grid // downsize, name="velocity_full")(v_acc)
         smooth = None
         if hp["smoothing"] != "none":
             smooth = layers.GaussianSmooth3D(hp["smooth_sigma"], hp["smooth_kernel"], ndims=ndims,
@@ -152,6 +168,10 @@ class MDRegNet(Method):
         integrate = layers.VecInt(hp["int_steps"], name="integrate")
         disp = integrate(velocity)
         inverse_disp = integrate(keras.layers.Rescaling(-1.0, name="negate")(velocity))
+        if downsize > 1:
+            disp = layers.RescaleTransform(downsize, name="disp_full")(disp)
+            inverse_disp = layers.RescaleTransform(downsize, name="inverse_disp_full")(
+                inverse_disp)
         if hp["smoothing"] == "deformation":
             disp = smooth(disp)
             inverse_disp = smooth(inverse_disp)
