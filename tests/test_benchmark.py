@@ -75,3 +75,30 @@ def test_measure_model_fields_and_table(no_warp_xla):
     row = next(line for line in text.splitlines() if line.startswith("| `voxelmorph`"))
     assert f"| {benchmark._fmt(4.0 / cell['infer_median_s'], 1, 'x')} |" in row  # vs ANTs
     assert "| ANTs SyN |" in text and "Targets of issue #5" in text
+
+
+def test_model_specs_and_the_targets_of_an_opt_in_variant():
+    """`name:key=value` cells build the model with those hyper-parameters, and the targets list
+    the paper settings first and the opt-in variant after them, each judged on its own cell."""
+    assert benchmark.parse_model_spec("mdregnet") == ("mdregnet", {})
+    assert benchmark.parse_model_spec("mdregnet:int_downsize=2:smoothing=none") == (
+        "mdregnet", {"int_downsize": 2, "smoothing": "none"})
+    with pytest.raises(ValueError, match="key=value"):
+        benchmark.parse_model_spec("mdregnet:int_downsize")
+    size = list(benchmark.TARGET_SIZE)
+    paper = {"model": "mdregnet", "shape": size, "infer_median_s": 2.0, "train_median_s": 12.0,
+             "train_peak": {"rss_gib": 9.0}}
+    fast = {"model": benchmark.SPEED_VARIANTS[0], "shape": size, "infer_median_s": 1.0,
+            "train_median_s": 5.0, "train_peak": {"rss_gib": 7.0}}
+    report = {"cells": [paper, fast], "peer_sizes": [size],
+              "peers": [{"peer": "ants", "shape": size, "status": "ok", "median_s": 45.0}]}
+    rows = benchmark.targets(report)
+    assert len(rows) == 2 * (3 + len(benchmark.TARGET_RATIOS))
+    half = len(rows) // 2
+    assert all("(opt-in)" not in target for target, _, _ in rows[:half])
+    assert all("(opt-in)" in target for target, _, _ in rows[half:])
+    met = {target: ok for target, _, ok in rows}
+    ants = [t for t in met if "ANTs" in t]
+    assert [met[t] for t in ants] == [False, True]  # 22.5x, then 45x against a 30x target
+    assert [ok for t, _, ok in rows if "training step" in t] == [False, True]
+    assert [ok for t, _, ok in rows if "VoxelMorph-torch" in t] == [None, None]  # not measured
