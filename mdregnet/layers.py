@@ -139,19 +139,111 @@ def _warp_graph(image, disp, interp_method, fill_value):
 _warp_xla = tf.function(_warp_graph, jit_compile=True, autograph=False)
 
 
+def _splat_linear(image_shape, coords, upstream, fill_value):
+    """Gradient of `sum(upstream * _sample(image, coords, 'linear'))` w.r.t. `image`.
+
+    The adjoint of linear interpolation: each sample point adds `w_k * upstream` to each of its
+    2^ndims corners `k`. Autodiff of the 2^ndims gathers gives 2^ndims scatter-adds of N rows of
+    C values; here the 2^ndims weighted copies go in ONE scatter of N rows of 2^ndims * C values
+    to the lower corner, on a grid padded by one voxel on each side (corners outside the volume
+    have weight 0 or are clamped as in `_sample`), and corner k's plane is then shifted into place
+    by a pad and summed. At 176x192x176 on 2 CPU cores that is ~4x faster than the 8 scatters.
+
+    Args:
+        image_shape: `[B, *in_spatial, C]` (int32 tensor or list) of the sampled image.
+        coords: as `_sample`, float32 `(B, *out_spatial)` per axis.
+        upstream: `(B, *out_spatial, C)` float32 gradient of the samples.
+        fill_value: as `_sample` (None: points clamped into the volume).
+
+    Returns:
+        `(B, *in_spatial, C)` float32.
+    """
+    ndims = len(coords)
+    sizes = [image_shape[1 + c] for c in range(ndims)]
+    channels = image_shape[-1]
+    batch = image_shape[0]
+    if fill_value is None:
+        coords = [tf.clip_by_value(x, 0.0, tf.cast(n - 1, tf.float32))
+                  for x, n in zip(coords, sizes)]
+    lo = [tf.floor(x) for x in coords]
+    frac = [x - f for x, f in zip(coords, lo)]
+    lo = [tf.cast(f, tf.int32) for f in lo]
+    padded = [n + 2 for n in sizes]
+    strides, n_vox = _flat_strides(padded)
+    offset_shape = tf.concat([[batch], tf.ones([ndims], tf.int32)], axis=0)
+    batch_offset = tf.reshape(tf.range(batch, dtype=tf.int32) * n_vox, offset_shape)
+    # Lower corner at padded index lo + 1, clamped to [0, n]: a clamped point's corners are all
+    # outside the volume (weight 0 with a fill value); without one, lo <= n - 1 already and a
+    # corner at n has weight 0 (frac = 0 on the clamped face).
+    base = [tf.clip_by_value(i + 1, 0, n) for i, n in zip(lo, sizes)]
+    lin = batch_offset + tf.add_n([i * s for i, s in zip(base, strides)])
+    corners = list(itertools.product((0, 1), repeat=ndims))
+    parts = []
+    for corner in corners:
+        weight = None
+        for b, f in zip(corner, frac):
+            w = f if b else 1.0 - f
+            weight = w if weight is None else weight * w
+        if fill_value is not None:
+            inside = [(i + b >= 0) & (i + b < n) for i, b, n in zip(lo, corner, sizes)]
+            weight = weight * tf.cast(tf.reduce_all(tf.stack(inside, 0), axis=0), weight.dtype)
+        parts.append(weight[..., None] * upstream)
+    updates = tf.reshape(tf.stack(parts, axis=-2), tf.stack([-1, len(corners) * channels]))
+    summed = tf.math.unsorted_segment_sum(updates, tf.reshape(lin, [-1]), batch * n_vox)
+    summed = tf.reshape(summed, tf.concat([[batch], padded, [len(corners), channels]], axis=0))
+    grad = None
+    for k, corner in enumerate(corners):
+        plane = summed[..., k, :]
+        # corner k of the point whose lower corner is at q lies at q + corner
+        plane = tf.pad(plane, [[0, 0]] + [[b, 0] for b in corner] + [[0, 0]])
+        plane = plane[(slice(None),) + tuple(slice(0, n) for n in padded)]
+        grad = plane if grad is None else grad + plane
+    return grad[(slice(None),) + tuple(slice(1, n + 1) for n in sizes)]
+
+
+def _warp_linear_vjp(image, disp, upstream, fill_value):
+    """`(d image, d disp)` of `sum(upstream * warp(image, disp))` for the linear warp: the
+    displacement's by autodiff (gathers only), the image's by `_splat_linear`."""
+    with tf.GradientTape() as tape:
+        tape.watch(disp)
+        out = _warp_graph(image, disp, "linear", fill_value)
+    d_disp = tape.gradient(out, disp, output_gradients=upstream)
+    ndims = disp.shape[-1]
+    shape = tf.shape(disp)
+    grid = tf.meshgrid(*[tf.range(shape[1 + c], dtype=tf.float32) for c in range(ndims)],
+                       indexing="ij")
+    disp32 = tf.cast(disp, tf.float32)
+    coords = [grid[c][None] + disp32[..., c] for c in range(ndims)]
+    d_image = _splat_linear(tf.shape(image), coords, tf.cast(upstream, tf.float32), fill_value)
+    return tf.cast(d_image, image.dtype), tf.cast(d_disp, disp.dtype)
+
+
+_warp_linear_vjp_xla = tf.function(_warp_linear_vjp, jit_compile=True, autograph=False)
+_warp_linear_vjp_graph = tf.function(_warp_linear_vjp, autograph=False)
+
+
 def _checkpointed(warp_fn, interp_method, fill_value):
-    """`f(image, disp)`: `warp_fn` whose gradient recomputes the warp (`tf.recompute_grad`).
+    """`f(image, disp)`: `warp_fn` whose gradient is computed from its inputs alone.
 
     Autodiff would keep every intermediate of the trilinear warp for the backward pass (the
     coordinates, the 8 corner indices, weights and gathered values: about 30 values per voxel and
     channel), which for the 14 full-resolution squaring steps of an MDReg-Net training step at
-    176x192x176 passed 20 GiB. Recomputing the warp in the backward pass keeps only its inputs;
-    the gradient is the same computation (`tf.recompute_grad` adds a zero to the inputs to order
-    the recomputation, which leaves them unchanged).
+    176x192x176 passed 20 GiB. The custom gradient keeps only the inputs and recomputes what it
+    needs (`_warp_linear_vjp`, compiled with XLA when the warp is), with the image's gradient
+    as one fused scatter (`_splat_linear`) instead of autodiff's eight.
     """
     if interp_method != "linear":
         return lambda image, disp: warp_fn(image, disp, interp_method, fill_value)
-    return tf.recompute_grad(lambda image, disp: warp_fn(image, disp, interp_method, fill_value))
+    vjp = _warp_linear_vjp_xla if warp_fn is _warp_xla else _warp_linear_vjp_graph
+
+    @tf.custom_gradient
+    def warp_fn_with_vjp(image, disp):
+        def grad(upstream):
+            return vjp(image, disp, upstream, fill_value)
+
+        return warp_fn(image, disp, interp_method, fill_value), grad
+
+    return warp_fn_with_vjp
 
 
 def warp(image, disp, interp_method="linear", fill_value=0.0, jit_compile=None):
