@@ -29,6 +29,10 @@ own, so that its peak memory is its own and a crash or an out-of-memory kill los
 - peak memory of each phase: on CPU the process's peak resident set (VmHWM, reset between the
   phases through /proc/self/clear_refs where the kernel allows it, else the process peak so far);
   on a GPU the peak of TensorFlow's allocator (`tf.config.experimental.get_memory_info`).
+- weights: the shipped 2 mm weights (`mdregnet/pretrained/<name>_ixi2mm`, any grid: the networks
+  are fully convolutional) for the models that have them, so that their warps follow a trained
+  network's fields (an untrained network's are near zero, which flatters the warps' memory
+  access); untrained for the others, or for all with `--untrained`.
 - float32 on CPU; on a GPU `--mixed_precision auto` builds the models with Keras'
   'mixed_float16' policy (and the training step with a `LossScaleOptimizer`), as training does.
 A phase stops repeating once its repeats have taken `--phase_budget_s` (at least one repeat; the
@@ -358,8 +362,26 @@ def make_train_step(model, shape, mixed_precision=False, lr=1e-4):
     return step
 
 
+def shipped_weights(name, hparams=None):
+    """The weights of the shipped 2 mm model of `name` (`mdregnet/pretrained/<name>_ixi2mm`) and
+    the hyper-parameters to build it with (its own, updated by `hparams`), or `(None, None)`.
+
+    The networks are fully convolutional, so trained weights fit any grid; with them the fields
+    the warps follow are a trained network's (smooth, several voxels), where an untrained one's
+    are near zero, which makes the warps' gathers and scatters unrealistically cache-friendly.
+    """
+    from mdregnet import models
+
+    directory = os.path.join(REPO, "mdregnet", "pretrained", f"{name}_ixi2mm")
+    if not os.path.isfile(os.path.join(directory, "config.json")):
+        return None, None
+    shipped = models.load(directory)
+    return shipped.get_weights(), {**shipped.mdregnet_config["hparams"], **(hparams or {})}
+
+
 def measure_model(name, shape, moving, fixed, repeats=3, train=True, inverse=False,
-                  mixed_precision=False, phase_budget_s=15.0, hparams=None, report=None):
+                  mixed_precision=False, phase_budget_s=15.0, hparams=None, report=None,
+                  trained=False):
     """Times one model's inference and training step on one pair, in this process.
 
     Args:
@@ -374,6 +396,8 @@ def measure_model(name, shape, moving, fixed, repeats=3, train=True, inverse=Fal
         phase_budget_s: a phase stops repeating once its repeats took this long.
         hparams: overrides of the model's defaults.
         report: optional `report(result)` called after each phase with the result so far.
+        trained: start from the shipped model's weights where `name` has one
+            (`shipped_weights`); 'weights' in the result says which were used.
 
     Returns:
         dict with the keys of `MODEL_FIELDS` (seconds, GiB): 'status' is 'ok', or 'error' with
@@ -397,9 +421,15 @@ def measure_model(name, shape, moving, fixed, repeats=3, train=True, inverse=Fal
         if mixed_precision:
             keras.mixed_precision.set_global_policy("mixed_float16")
         try:
+            weights, shipped_hparams = shipped_weights(name, hparams) if trained else (None,
+                                                                                       None)
             start = time.perf_counter()
-            model = models.build(name, shape, **(hparams or {}))
+            model = models.build(name, shape, **(shipped_hparams or hparams or {}))
             result["build_s"] = time.perf_counter() - start
+            result["weights"] = "untrained"
+            if weights is not None:
+                model.set_weights(weights)
+                result["weights"] = f"shipped {name}_ixi2mm"
         finally:
             keras.mixed_precision.set_global_policy(previous_policy)
         result["params"] = int(model.count_params())
@@ -515,6 +545,7 @@ def worker_main(spec_path):
                   train=spec["train"], inverse=spec["inverse"],
                   mixed_precision=spec["mixed_precision"],
                   phase_budget_s=spec["phase_budget_s"], hparams=spec.get("hparams"),
+                  trained=spec.get("trained", False),
                   report=lambda result: _write_json(spec["result"], result))
 
 
@@ -752,13 +783,20 @@ def render_markdown(report):
                  f"{', '.join(report['outputs'])} on the host; first call (tracing and XLA "
                  f"compilation) apart, then the median of up to {report['repeats']} calls. Train "
                  "step = the model's own objective, its gradient and Adam (lr 1e-4), batch 1, "
-                 "as `mdregnet.train` does. Peak memory = " + ("TensorFlow's device allocator peak ('dev') of "
-                                              "each phase" if gpu else
-                                              "the process's peak RSS in each phase") +
+                 "as `mdregnet.train` does. Peak memory = " +
+                 ("TensorFlow's device allocator peak ('dev') of each phase" if gpu else
+                  "the process's peak RSS in each phase") +
                  ". Peers: the time of one registration (ANTs SyN) or the median forward pass "
                  "(VoxelMorph-torch, untrained); 'x ANTs' = ANTs seconds / the model's median "
                  "inference seconds. Load = 1-minute load average at the start and end of the "
                  "phase.")
+    shipped = sorted({f"`{c['model']}` ({c['weights']})" for c in report.get("cells", [])
+                      if c.get("weights") not in (None, "untrained")})
+    lines.append("")
+    lines.append("Weights: " + (", ".join(shipped) + " start from the shipped 2 mm weights "
+                                "(trained fields, several voxels); the others are untrained "
+                                "(near-zero fields)" if shipped else "every model untrained "
+                                "(near-zero fields)") + ".")
     lines.append("")
     for size in report["sizes"]:
         size = tuple(size)
@@ -855,6 +893,9 @@ def build_parser():
     parser.add_argument("--phase_budget_s", type=float, default=15.0,
                         help="a phase stops repeating once its repeats took this long")
     parser.add_argument("--no_train", action="store_true", help="skip the training step")
+    parser.add_argument("--untrained", action="store_true",
+                        help="untrained weights for every model (default: the shipped 2 mm "
+                             "weights for the models that have them)")
     parser.add_argument("--inverse", action="store_true",
                         help="inference also returns 'inverse_disp' and 'warped_fixed'")
     parser.add_argument("--peers", default=",".join(PEERS),
@@ -1003,6 +1044,7 @@ def main(argv=None):
                          "shape": list(size),
                          "pair": pair_paths[size], "repeats": args.repeats,
                          "train": not args.no_train, "inverse": args.inverse,
+                         "trained": not args.untrained,
                          "mixed_precision": mixed, "phase_budget_s": args.phase_budget_s},
                         f"{name.replace(':', '_').replace('=', '-')}_{size_name(size)}")
                     cell.update(result or {})
