@@ -209,3 +209,26 @@ def write_json(path, value):
 def resolve(path):
     """A relative path taken from the repository root (so the scripts run from anywhere)."""
     return path if path is None or os.path.isabs(path) else os.path.join(REPO, path)
+
+
+def absl_main(script, run_from_flags, flag_values):
+    """`main(argv)` for `absl.app.run` of an ablation script: no positional arguments; missing
+    data, bad settings or an unwritable output (OSError, ValueError: `DataMissingError`,
+    `io.InvalidInputError`, ...) end it with one line `<script>: error: <reason>` and status 1.
+
+    Args:
+        script: the script's name for that line, e.g. 'ablation_mdregnet'.
+        run_from_flags: its `run_from_flags(flag_values, argv)`.
+        flag_values: its absl `FLAGS`.
+    """
+    from absl import app
+
+    def main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        try:
+            run_from_flags(flag_values, sys.argv)
+        except (OSError, ValueError) as err:
+            sys.exit(f"{script}: error: {err}")
+
+    return main

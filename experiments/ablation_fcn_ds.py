@@ -341,14 +341,7 @@ def run_from_flags(fv=FLAGS, argv=None, log=print):
     return results, settings, paths
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
-        run_from_flags(FLAGS, sys.argv)
-    except (OSError, ValueError) as err:
-        sys.exit(f"ablation_fcn_ds: error: {err}")
-
+main = common.absl_main("ablation_fcn_ds", run_from_flags, FLAGS)
 
 if __name__ == "__main__":
     define_flags()

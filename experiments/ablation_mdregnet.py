@@ -419,14 +419,7 @@ def _voxel_mm(data_dir):
     return float(nib.load(os.path.join(data_dir, "images", first)).header.get_zooms()[0])
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
-        run_from_flags(FLAGS, sys.argv)
-    except (OSError, ValueError) as err:  # DataMissingError, io.InvalidInputError, ConfigError
-        sys.exit(f"ablation_mdregnet: error: {err}")
-
+main = common.absl_main("ablation_mdregnet", run_from_flags, FLAGS)
 
 if __name__ == "__main__":
     define_flags()

@@ -167,6 +167,20 @@ def test_missing_data_says_make_prepare_ixi(tmp_path):
         ablation_fcn.load_boxes(str(tmp_path / "absent"), None, None, (8, 8, 8), 48)
 
 
+def test_script_main_turns_data_errors_into_one_line_and_refuses_arguments():
+    from absl import app
+
+    def run_from_flags(flag_values, argv):
+        raise FileNotFoundError(f"{flag_values}: no prepared IXI data")
+
+    main = common.absl_main("ablation_x", run_from_flags, "DIR")
+    with pytest.raises(SystemExit, match=r"^ablation_x: error: DIR: no prepared IXI data$"):
+        main(["ablation_x.py"])
+    with pytest.raises(app.UsageError, match="unexpected arguments"):
+        main(["ablation_x.py", "extra"])
+    assert ablation_mdregnet.main.__qualname__ == "absl_main.<locals>.main"
+
+
 def _cohort(n, shape, seed=0):
     """Smooth random volumes and 3-label maps (labels from intensity bands)."""
     images = np.stack([_smooth_image(shape, seed + i) for i in range(n)])

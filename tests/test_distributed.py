@@ -279,7 +279,7 @@ def test_disk_full_while_checkpointing_keeps_the_last_complete_checkpoint(data_d
         train.train(_config(data_dir, workdir, steps=6, checkpoint_every=2))
     message = str(info.value)
     assert "\n" not in message
-    assert f"cannot write the checkpoint of step 4" in message and "No space left" in message
+    assert "cannot write the checkpoint of step 4" in message and "No space left" in message
     assert message.endswith(f"the last complete checkpoint is {workdir / 'ckpt' / 'ckpt-2'}")
     assert sorted(os.listdir(workdir / "ckpt")) == [
         "checkpoint", "ckpt-2.data-00000-of-00001", "ckpt-2.index", "config.json"]
