@@ -130,13 +130,18 @@ def _sample(image, coords, interp_method="linear", fill_value=0.0):
     return out
 
 
-def _warp_graph(image, disp, interp_method, fill_value):
+def _sample_points(disp):
+    """Absolute sampling coordinates `p + disp(p)`, one float32 `(B, *spatial)` per axis."""
     ndims = disp.shape[-1]
     shape = tf.shape(disp)
     grid = tf.meshgrid(*[tf.range(shape[1 + c], dtype=tf.float32) for c in range(ndims)],
                        indexing="ij")
     disp = tf.cast(disp, tf.float32)
-    coords = [grid[c][None] + disp[..., c] for c in range(ndims)]
+    return [grid[c][None] + disp[..., c] for c in range(ndims)]
+
+
+def _warp_graph(image, disp, interp_method, fill_value):
+    coords = _sample_points(disp)
     if interp_method == "linear" and image.dtype != tf.float32:
         out = _sample(tf.cast(image, tf.float32), coords, interp_method, fill_value)
         return tf.cast(out, image.dtype)
@@ -215,13 +220,8 @@ def _warp_linear_vjp(image, disp, upstream, fill_value):
         tape.watch(disp)
         out = _warp_graph(image, disp, "linear", fill_value)
     d_disp = tape.gradient(out, disp, output_gradients=upstream)
-    ndims = disp.shape[-1]
-    shape = tf.shape(disp)
-    grid = tf.meshgrid(*[tf.range(shape[1 + c], dtype=tf.float32) for c in range(ndims)],
-                       indexing="ij")
-    disp32 = tf.cast(disp, tf.float32)
-    coords = [grid[c][None] + disp32[..., c] for c in range(ndims)]
-    d_image = _splat_linear(tf.shape(image), coords, tf.cast(upstream, tf.float32), fill_value)
+    d_image = _splat_linear(tf.shape(image), _sample_points(disp), tf.cast(upstream, tf.float32),
+                            fill_value)
     return tf.cast(d_image, image.dtype), tf.cast(d_disp, disp.dtype)
 
 
