@@ -17,8 +17,9 @@ Backward passes. Autodiff of a gather is a scatter-add, the slow part of trainin
 warp's gradient is therefore a custom one (`_warp_linear_vjp`: the image's part is ONE scatter of
 the 2^ndims weighted corner copies, `_splat_linear`), and the gradients of the XLA resizing
 (integer factors) and smoothing are those of slice-based versions of the same functions
-(`_xla_vjp`); each is tested against plain autodiff. At 176x192x176 on 2 CPU cores this took the
-MDReg-Net training step from 16.5 s to about 7 s.
+(`_xla_vjp`); each is tested against plain autodiff. At 176x192x176 on 2 idle CPU cores
+(isolated calls, forward and backward): a squaring step 485 -> 310 ms, a x2 field resize 238 ->
+44 ms, the 3-tap smoothing 551 -> 117 ms.
 """
 
 import itertools

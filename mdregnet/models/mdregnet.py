@@ -14,9 +14,10 @@ Data flow (L = 3 levels, l = 1 coarsest, as in the paper):
            deformation (default) or of the velocity; disp = exp(v) - id, inverse_disp = exp(-v) - id
     opt-in (`int_downsize=2`, not the paper's): v = v~^3 is integrated on its own 1/2 grid and
            the displacements are resized to full resolution (magnitude scaled) before the
-           deformation smoothing, as VoxelMorph's `int_downsize=2` does. About 5x cheaper
-           integration (at 176x192x176 on 2 CPU cores: inference 1.46 -> ~1.1 s, training step
-           see the README's "Speed and memory"); the warps stay at full resolution.
+           deformation smoothing, as VoxelMorph's `int_downsize=2` does: 8x fewer voxels to
+           integrate (at 176x192x176 on 2 CPU cores: training step 7.9 -> 4.0 s, its peak
+           memory 8.8 -> 5.9 GiB, inference 0.72 -> 0.70 s; experiments/results/
+           benchmark_cpu.md); the warps of the images stay at full resolution.
 
 Output keys. Level keys use the paper's index l (1 = coarsest):
     'warped', 'warped_fixed'     (B, *spatial, 1): I_m o Phi, I_f o Phi^-  (full resolution)
