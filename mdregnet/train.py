@@ -34,8 +34,20 @@ hyper-parameters.
 Distribution (`--strategy`): everything that creates variables is built under `strategy.scope()`;
 the train step runs on each replica with `strategy.run`, each replica's loss divided by the number
 of replicas so the summed gradients are those of the global batch mean (`--batch_size` is the
-GLOBAL batch). Mixed precision (`--mixed_precision`, automatic on a GPU) uses Keras' 'mixed_float16'
-policy and a `LossScaleOptimizer`; the objective is computed in float32.
+GLOBAL batch). Mixed precision (`--mixed_precision`): 'fp16' uses Keras' 'mixed_float16' policy
+and a `LossScaleOptimizer` (the GPU choice, automatic on a GPU); 'bf16' uses 'mixed_bfloat16'
+without loss scaling (automatic on CPUs with AVX512-BF16 or AMX); the objective is computed in
+float32 either way.
+
+Warm start and continuation (`--init_from MODEL_DIR`): a new run (no checkpoint in `workdir`)
+starts from the weights of a saved model (an earlier run's `workdir/model`, a shipped model) with
+a fresh optimizer. The model's name and weight shapes must match; hyper-parameters that only
+change the computation (`lam`, `int_downsize`, ...) may differ and are recorded. The run continues
+the saved model's step count (`--steps` counts this run's steps) and pair stream, and the model
+it saves records the cumulative number of steps and the whole training history under
+`extra['history']` (`empty_history`: every run's settings, the training loss, learning rate and
+precision at each progress line, every validation's Dice and folding), so a model trained in
+several runs says exactly how it was trained.
 """
 
 import dataclasses
@@ -56,12 +68,17 @@ FLAGS = flags.FLAGS
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker")
 #: Models that `--patch_size` (patch training, whole-volume validation by patches) applies to.
 PATCH_MODELS = ("patch_fcn",)
-MIXED_PRECISION = ("auto", "on", "off")
+MIXED_PRECISION = ("auto", "off", "fp16", "bf16", "on")
+#: Keras dtype policy of each `--mixed_precision` mode ('on' is the older name of 'fp16').
+PRECISION_POLICIES = {"off": "float32", "fp16": "mixed_float16", "on": "mixed_float16",
+                      "bf16": "mixed_bfloat16"}
 CONFIG_FILE = "config.json"
+#: This run's training history rows, next to its checkpoints (rewritten at each checkpoint).
+HISTORY_FILE = "history.json"
 CONFIG_FORMAT = "mdregnet-train-1"
 #: Settings that may change between a run and its resumption without a note.
 _RESUMABLE_CHANGES = ("steps", "checkpoint_every", "val_every", "log_every", "log_dir",
-                      "workdir", "strategy", "mixed_precision", "deterministic")
+                      "workdir", "strategy", "mixed_precision", "deterministic", "init_from")
 
 
 def define_flags(flag_values=FLAGS):
@@ -100,6 +117,12 @@ def define_flags(flag_values=FLAGS):
                          **fv)
     flags.DEFINE_float("lr", 1e-4, "Adam learning rate (paper: 1e-4).", **fv)
     flags.DEFINE_integer("seed", 0, "Seed of the weights' initialisation and the pair order.", **fv)
+    flags.DEFINE_string("init_from", None, "Warm start: a saved model directory (config.json + "
+                        "model.weights.h5, e.g. an earlier run's workdir/model or a shipped "
+                        "model) whose weights this run starts from. Same model and weight "
+                        "shapes; hyper-parameters that only change the computation (lam, "
+                        "int_downsize, ...) may differ and are recorded. The run continues the "
+                        "model's step count, pair stream and training history.", **fv)
     flags.DEFINE_boolean("deterministic", False, "Enable TensorFlow's op determinism (bitwise "
                          "reproducible runs and resumptions, somewhat slower on GPUs).", **fv)
     # Outputs and schedule
@@ -116,8 +139,12 @@ def define_flags(flag_values=FLAGS):
     flags.DEFINE_enum("strategy", "default", list(STRATEGIES), "tf.distribute strategy: default "
                       "(one device), one_device, mirrored (all local GPUs, else all logical CPUs), "
                       "multi_worker (MultiWorkerMirroredStrategy, cluster from TF_CONFIG).", **fv)
-    flags.DEFINE_enum("mixed_precision", "auto", list(MIXED_PRECISION), "'mixed_float16' with a "
-                      "LossScaleOptimizer; auto = on when a GPU is visible.", **fv)
+    flags.DEFINE_enum("mixed_precision", "auto", list(MIXED_PRECISION), "fp16: Keras' "
+                      "'mixed_float16' with a LossScaleOptimizer (GPUs); bf16: "
+                      "'mixed_bfloat16' (CPUs with AVX512-BF16 or AMX; no loss scaling); off: "
+                      "float32; auto: fp16 when a GPU is visible, bf16 on a CPU with bfloat16 "
+                      "instructions, else float32; 'on' = fp16. Velocity heads, integration, "
+                      "warps, resizing, smoothing and losses stay float32.", **fv)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -167,6 +194,7 @@ class TrainConfig:
     batch_size: int = 1
     lr: float = 1e-4
     seed: int = 0
+    init_from: str = None
     deterministic: bool = False
     workdir: str = None
     log_dir: str = None
@@ -305,13 +333,45 @@ def get_strategy(name="default"):
     raise ConfigError(f"unknown strategy {name!r}; choose one of {STRATEGIES}")
 
 
-def use_mixed_precision(mode):
-    """Whether to train in mixed precision: 'on', 'off', or 'auto' (on when a GPU is visible)."""
+def cpu_has_bf16():
+    """Whether this machine's CPU has bfloat16 arithmetic (AVX512-BF16 or AMX-BF16), read from
+    /proc/cpuinfo's flags (False where that file does not exist)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags_ = set(line.split(":", 1)[1].split())
+                    return bool(flags_ & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def resolve_precision(mode):
+    """The Keras dtype policy of a `--mixed_precision` mode.
+
+    Args:
+        mode: 'off', 'fp16' (or 'on'), 'bf16', or 'auto' ('mixed_float16' when a GPU is visible,
+            'mixed_bfloat16' on a CPU with bfloat16 instructions (`cpu_has_bf16`), else
+            'float32': emulated bfloat16 is slower than float32).
+
+    Returns:
+        'float32', 'mixed_float16' or 'mixed_bfloat16'.
+    """
     import tensorflow as tf
 
     if mode == "auto":
-        return bool(tf.config.list_physical_devices("GPU"))
-    return mode == "on"
+        if tf.config.list_physical_devices("GPU"):
+            return "mixed_float16"
+        return "mixed_bfloat16" if cpu_has_bf16() else "float32"
+    if mode not in PRECISION_POLICIES:
+        raise ConfigError(f"mixed_precision must be one of {MIXED_PRECISION}, got {mode!r}")
+    return PRECISION_POLICIES[mode]
+
+
+def use_mixed_precision(mode):
+    """Whether `mode` (see `resolve_precision`) trains in a mixed precision."""
+    return resolve_precision(mode) != "float32"
 
 
 def _worker(strategy):
@@ -534,6 +594,114 @@ def _check_resumable(path, saved, name, hparams, settings):
 
 def _jsonable(value):
     return json.loads(json.dumps(value))
+
+
+# ------------------------------------------------------------------------------------------------
+# Warm start and training history
+# ------------------------------------------------------------------------------------------------
+#: Columns of the rows of `history["train"]` (one row per progress line).
+TRAIN_COLUMNS = ("step", "loss", "lr", "precision", "steps_per_second")
+
+
+def empty_history():
+    """A training history with no run: 'runs' (one dict per training run: its first and last
+    cumulative step, init_from, learning rate, precision, hyper-parameters, ...), 'train' (rows
+    of `train_columns`: cumulative step, mean training loss since the previous row, learning
+    rate, precision, steps/s) and 'validation' (one dict per validation: cumulative step, mean
+    Dice, Dice before registration, folding % and count, loss)."""
+    return {"train_columns": list(TRAIN_COLUMNS), "runs": [], "train": [], "validation": []}
+
+
+def _legacy_history(extra):
+    """The history of a model saved before histories were recorded: what its config says."""
+    history = empty_history()
+    run_config = extra.get("run_config") or {}
+    train_settings = run_config.get("train") or {}
+    steps = int(extra.get("step") or 0)
+    if not steps:
+        return history
+    history["runs"].append({
+        "start_step": 0, "end_step": steps, "init_from": None,
+        "lr": train_settings.get("lr"), "batch_size": train_settings.get("batch_size"),
+        "precision": ("mixed_float16" if (run_config.get("runtime") or {}).get("mixed_precision")
+                      else "float32"),
+        "hparams": (run_config.get("model") or {}).get("hparams"),
+        "note": "trained before training histories were recorded: only its final numbers are "
+                "known"})
+    if extra.get("train_loss") is not None:
+        history["train"].append([steps, extra["train_loss"], train_settings.get("lr"),
+                                 history["runs"][0]["precision"], None])
+    if isinstance(extra.get("validation"), dict):
+        history["validation"].append(dict(extra["validation"], step=steps))
+    return history
+
+
+def read_init(path, name, hparams):
+    """Reads the saved model a run warm-starts from (`--init_from`).
+
+    Args:
+        path: a model directory written by `models.save` (config.json, model.weights.h5).
+        name: the model this run trains; must be the saved one's.
+        hparams: this run's resolved hyper-parameters.
+
+    Returns:
+        dict: 'from' (absolute path), 'steps' (the saved model's cumulative training steps),
+        'changed_hparams' ({key: [saved, now]}), 'history' (the saved model's training history,
+        see `empty_history`).
+
+    Raises:
+        ConfigError: no readable model there, or a model of another name (one line naming the
+            directory). Weight shapes are checked when the weights are loaded.
+    """
+    from mdregnet import io, models
+
+    try:
+        config = models.read_config(path)
+    except (io.InvalidInputError, OSError) as err:
+        raise ConfigError(f"--init_from: {err}") from None
+    if config["name"] != name:
+        raise ConfigError(f"--init_from {path}: a {config['name']!r} model; this run trains "
+                          f"{name!r} (use --model {config['name']} or another model directory)")
+    old = {**models.defaults(name), **config["hparams"]}
+    changed = {k: [old.get(k), hparams.get(k)] for k in sorted(set(old) | set(hparams))
+               if _jsonable(old.get(k)) != _jsonable(hparams.get(k))}
+    extra = config.get("extra") or {}
+    history = extra.get("history") if isinstance(extra.get("history"), dict) else None
+    history = history or _legacy_history(extra)
+    steps = extra.get("cumulative_steps", extra.get("step", 0))
+    return {"from": os.path.abspath(path), "steps": int(steps or 0),
+            "changed_hparams": _jsonable(changed), "history": _jsonable(history)}
+
+
+def merge_history(base, run_record, run_rows):
+    """The history of a model: `base` (the history it started from, or None) followed by this
+    run's record and rows (`run_rows`: dict with 'train' and 'validation' lists)."""
+    out = empty_history()
+    if base:
+        for key in ("runs", "train", "validation"):
+            out[key].extend(base.get(key, []))
+    out["runs"].append(run_record)
+    out["train"].extend(run_rows["train"])
+    out["validation"].extend(run_rows["validation"])
+    return out
+
+
+def _read_run_rows(path, up_to):
+    """This run's history rows saved next to its checkpoints, without those after step `up_to`
+    (a resumed run repeats them)."""
+    rows = {"train": [], "validation": []}
+    if not os.path.isfile(path):
+        return rows
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        print(f"note: {path} unreadable ({err}); this run's earlier history rows are lost",
+              flush=True)
+        return rows
+    rows["train"] = [r for r in saved.get("train", []) if r and r[0] <= up_to]
+    rows["validation"] = [r for r in saved.get("validation", []) if r.get("step", 0) <= up_to]
+    return rows
 
 
 def _write_json(path, value):
@@ -814,7 +982,9 @@ def train(config, step_callback=None):
         raise ConfigError(f"batch_size {cfg.batch_size} (global) is not divisible by the "
                           f"{replicas} replicas of strategy {cfg.strategy!r}")
     is_chief, task_id = _worker(strategy)
-    mixed = use_mixed_precision(cfg.mixed_precision)
+    precision = resolve_precision(cfg.mixed_precision)
+    mixed = precision != "float32"
+    loss_scaling = precision == "mixed_float16"  # bfloat16 has float32's exponent range
     divisor = models.get_method(cfg.model).divisor
 
     # ---- data (validation on the chief only: it needs no collective op)
@@ -827,14 +997,23 @@ def train(config, step_callback=None):
     log_dir = cfg.log_dir or os.path.join(cfg.workdir, "logs")
     model_dir = os.path.join(cfg.workdir, "model")
     config_path = os.path.join(ckpt_dir, CONFIG_FILE)
+    history_path = os.path.join(ckpt_dir, HISTORY_FILE)
     latest = tf.train.latest_checkpoint(ckpt_dir) if os.path.isdir(ckpt_dir) else None
     settings = cfg.to_json()
+    init = None
     if latest:
         if not os.path.isfile(config_path):
             raise ConfigError(f"{ckpt_dir}: checkpoints without {CONFIG_FILE}; cannot check that "
                               "they belong to this model; use another --workdir")
-        _check_resumable(config_path, _read_run_config(config_path), cfg.model, hparams,
-                         settings)
+        saved_run = _read_run_config(config_path)
+        _check_resumable(config_path, saved_run, cfg.model, hparams, settings)
+        init = saved_run.get("init")  # the warm start of the run being resumed, if any
+        if cfg.init_from and (init or {}).get("from") != os.path.abspath(cfg.init_from):
+            print(f"note: --init_from {cfg.init_from} ignored: resuming the run in "
+                  f"{cfg.workdir}, whose checkpoints hold the weights", flush=True)
+    elif cfg.init_from:
+        init = read_init(cfg.init_from, cfg.model, hparams)
+    base_step = int(init["steps"]) if init else 0
     _make_writable_dir(cfg.workdir, "--workdir")
     _make_writable_dir(ckpt_dir, "--workdir's checkpoint folder")
     save_dir = ckpt_dir if is_chief else os.path.join(ckpt_dir, f".worker{task_id}")
@@ -845,7 +1024,7 @@ def train(config, step_callback=None):
         tf.config.experimental.enable_op_determinism()
     previous_policy = keras.mixed_precision.global_policy()
     if mixed:
-        keras.mixed_precision.set_global_policy("mixed_float16")
+        keras.mixed_precision.set_global_policy(precision)
     try:
         model_shape = (int(cfg.patch_size),) * len(shape) if cfg.patch_size else shape
         if cfg.patch_size:
@@ -854,7 +1033,7 @@ def train(config, step_callback=None):
             model = models.build(cfg.model, model_shape, **hparams)
             loss_fn = models.objective(model)
             optimizer = keras.optimizers.Adam(learning_rate=cfg.lr)
-            if mixed:
+            if loss_scaling:
                 optimizer = keras.mixed_precision.LossScaleOptimizer(optimizer)
             optimizer.build(model.trainable_variables)  # slots exist before a restore
             step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
@@ -865,16 +1044,27 @@ def train(config, step_callback=None):
             if latest:
                 checkpoint.restore(latest).assert_existing_objects_matched()
                 resumed_from = int(step_var.numpy())
+            elif init:
+                try:
+                    models.load_weights(model, cfg.init_from)
+                except (ValueError, OSError) as err:
+                    changed = "; ".join(f"{k}: saved {a!r}, now {b!r}"
+                                        for k, (a, b) in init["changed_hparams"].items())
+                    raise ConfigError(f"--init_from: {err}"
+                                      + (f" (hyper-parameters that differ: {changed})"
+                                         if changed else "")) from None
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
     start_step = int(step_var.numpy())
 
     run_config = {"format": CONFIG_FORMAT, "model": _jsonable(model.mdregnet_config),
+                  "init": init,
                   "train": settings,
                   "data": {"shape": list(data_shape), "input_shape": list(shape),
                            "train_ids": train_ids, "val_ids": val["ids"] if val else []},
                   "runtime": {"strategy": cfg.strategy, "replicas": replicas,
-                              "mixed_precision": mixed, "tensorflow": tf.__version__,
+                              "mixed_precision": mixed, "precision": precision,
+                              "tensorflow": tf.__version__,
                               "keras": keras.__version__}}
     if is_chief:
         _write_json(config_path, run_config)
@@ -888,16 +1078,16 @@ def train(config, step_callback=None):
         dataset = patches.patch_pair_dataset(images, patch_size=cfg.patch_size,
                                              patches_per_pair=cfg.patches_per_pair,
                                              batch_size=cfg.batch_size, seed=cfg.seed)
-    else:
+        if base_step + start_step:
+            dataset = dataset.skip(base_step + start_step)
+    else:  # a warm-started run continues the pair stream of the model it starts from
         dataset = data.pair_dataset(images, batch_size=cfg.batch_size, seed=cfg.seed,
-                                    shuffle=True, repeat=True)
-    if start_step:
-        dataset = dataset.skip(start_step)
+                                    shuffle=True, repeat=True, start=base_step + start_step)
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     dataset = dataset.with_options(options)
     batches = iter(strategy.experimental_distribute_dataset(dataset))
-    train_step = make_train_step(model, loss_fn, optimizer, strategy, loss_scaling=mixed)
+    train_step = make_train_step(model, loss_fn, optimizer, strategy, loss_scaling=loss_scaling)
     if not val:
         predict = None
     elif cfg.patch_size:
@@ -915,12 +1105,35 @@ def train(config, step_callback=None):
                "resumed_from": resumed_from, "loss_history": [], "val_history": [],
                "validation": None, "train_loss": None, "model_dir": None,
                "replicas": replicas, "strategy": cfg.strategy, "mixed_precision": mixed,
+               "precision": precision,
                "input_shape": list(shape), "workdir": os.path.abspath(cfg.workdir)}
+
+    # This run's history rows (cumulative steps), saved beside each checkpoint so a resumed run
+    # keeps them; merged with the warm start's history into the saved model's config.
+    run_rows = _read_run_rows(history_path, base_step + start_step) if latest else \
+        {"train": [], "validation": []}
+    run_started = time.time()
+
+    def run_record(step, completed):
+        return {"start_step": base_step, "end_step": base_step + step,
+                "init_from": init["from"] if init else None,
+                "changed_hparams": init["changed_hparams"] if init else {},
+                "hparams": _jsonable(hparams), "lr": cfg.lr, "batch_size": cfg.batch_size,
+                "precision": precision, "seed": cfg.seed, "strategy": cfg.strategy,
+                "replicas": replicas, "input_shape": list(shape), "data_dir": cfg.data_dir,
+                "train_subjects": len(train_ids), "completed": bool(completed),
+                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+    def save_history(step, completed=False):
+        if is_chief:
+            _write_json(history_path, {"run": run_record(step, completed), **run_rows})
 
     def save_checkpoint(step):
         step_var.assign(step)
         try:
-            return manager.save(checkpoint_number=step)
+            saved = manager.save(checkpoint_number=step)
+            save_history(step)
+            return saved
         except (OSError, tf.errors.OpError) as err:
             _remove_partial_checkpoint(os.path.join(save_dir, f"ckpt-{step}"))
             reason = getattr(err, "message", None) or getattr(err, "strerror", None) or str(err)
@@ -931,23 +1144,30 @@ def train(config, step_callback=None):
 
     def run_validation(step):
         metrics_, slices = validate(predict, val["images"], val["labels"], val["pairs"])
-        summary["validation"] = dict(metrics_, step=step)
+        summary["validation"] = dict(metrics_, step=base_step + step)
         summary["val_history"].append([step, metrics_])
+        if not run_rows["validation"] or run_rows["validation"][-1]["step"] != base_step + step:
+            run_rows["validation"].append(dict(metrics_, step=base_step + step))
         with val_writer.as_default():
             for key in ("loss", "dice_mean", "dice_before", "folding_percent", "folding_count"):
                 if key in metrics_:
-                    summary_scalar(key, metrics_[key], step)
+                    summary_scalar(key, metrics_[key], base_step + step)
             for key, image in slices.items():
-                summary_image(f"slice/{key}", image, step)
+                summary_image(f"slice/{key}", image, base_step + step)
         val_writer.flush()
         text = "  ".join(f"{k} {v:.4g}" for k, v in metrics_.items() if k != "pairs")
-        print(f"validation at step {step} ({metrics_['pairs']} pairs): {text}", flush=True)
+        print(f"validation at step {base_step + step} ({metrics_['pairs']} pairs): {text}",
+              flush=True)
 
     if resumed_from is not None:
         print(f"resumed from {latest} at step {resumed_from}", flush=True)
+    elif init:
+        print(f"warm start from {init['from']} (trained {base_step} steps"
+              + (f"; changed hyper-parameters {init['changed_hparams']}"
+                 if init["changed_hparams"] else "") + ")", flush=True)
     print(f"training {cfg.model} ({sum(int(np.prod(v.shape)) for v in model.trainable_variables)}"
           f" parameters) for {cfg.steps} steps, global batch {cfg.batch_size} on {replicas} "
-          f"replica(s) ({cfg.strategy}), lr {cfg.lr}, {'mixed_float16' if mixed else 'float32'}, "
+          f"replica(s) ({cfg.strategy}), lr {cfg.lr}, {precision}, "
           f"workdir {cfg.workdir}", flush=True)
 
     step = start_step
@@ -955,7 +1175,8 @@ def train(config, step_callback=None):
     pending = []  # (total, terms) tensors of the steps since the last log line
     timer_step, timer_start = None, None
     with _StopFlag() as stop:
-        if val and start_step == 0 and start_step < cfg.steps:
+        # The starting point is validated once: a warm start's was, as the end of its run.
+        if val and start_step == 0 and start_step < cfg.steps and not init:
             run_validation(0)
         while step < cfg.steps and stop.signum is None:
             try:
@@ -977,7 +1198,7 @@ def train(config, step_callback=None):
                 mean_terms = {k: float(np.mean([float(t[k]) for _, t in pending]))
                               for k in pending[-1][1]}
                 pending = []
-                if not math.isfinite(mean_total) and not mixed:
+                if not math.isfinite(mean_total) and not loss_scaling:
                     raise FloatingPointError(f"the loss is {mean_total} at step {step}; last "
                                              f"checkpoint: {manager.latest_checkpoint}")
                 elapsed = time.perf_counter() - timer_start
@@ -985,18 +1206,23 @@ def train(config, step_callback=None):
                 eta = _format_eta((cfg.steps - step) / rate) if rate > 0 else "?"
                 summary["loss_history"].append([step, mean_total])
                 summary["train_loss"] = mean_total
+                lr_now = _read(optimizer.learning_rate)
+                run_rows["train"].append([base_step + step, mean_total, lr_now, precision,
+                                          rate if math.isfinite(rate) else None])
                 with train_writer.as_default():
-                    summary_scalar("loss", mean_total, step)
+                    cum = base_step + step
+                    summary_scalar("loss", mean_total, cum)
                     for key, value in mean_terms.items():
-                        summary_scalar(f"loss/{key}", value, step)
-                    summary_scalar("learning_rate", _read(optimizer.learning_rate), step)
+                        summary_scalar(f"loss/{key}", value, cum)
+                    summary_scalar("learning_rate", lr_now, cum)
                     if math.isfinite(rate):
-                        summary_scalar("steps_per_second", rate, step)
-                    if mixed:
-                        summary_scalar("loss_scale", _read(optimizer.dynamic_scale), step)
+                        summary_scalar("steps_per_second", rate, cum)
+                    if loss_scaling:
+                        summary_scalar("loss_scale", _read(optimizer.dynamic_scale), cum)
                 train_writer.flush()
-                print(f"step {step}/{cfg.steps}  loss {mean_total:.5f}  {rate:.3g} steps/s  "
-                      f"ETA {eta}", flush=True)
+                print(f"step {step}/{cfg.steps}" + (f" (model step {base_step + step})"
+                                                     if base_step else "")
+                      + f"  loss {mean_total:.5f}  {rate:.3g} steps/s  ETA {eta}", flush=True)
             if step % cfg.checkpoint_every == 0:
                 save_checkpoint(step)
                 last_saved = step
@@ -1020,8 +1246,13 @@ def train(config, step_callback=None):
         if val and (summary["validation"] is None or summary["validation"]["step"] != step):
             run_validation(step)
         if is_chief:
-            extra = {"step": step, "train_loss": summary["train_loss"],
-                     "validation": summary["validation"], "run_config": run_config}
+            save_history(step, completed=True)
+            history = merge_history(init["history"] if init else None,
+                                    run_record(step, completed=True), run_rows)
+            extra = {"step": base_step + step, "cumulative_steps": base_step + step,
+                     "run_steps": step, "train_loss": summary["train_loss"],
+                     "validation": summary["validation"], "run_config": run_config,
+                     "history": history}
             models.save(model, model_dir, extra=_jsonable(extra))
             summary["model_dir"] = os.path.abspath(model_dir)
             print(f"final model saved in {model_dir}", flush=True)

@@ -240,6 +240,17 @@ def test_pair_dataset_determinism_and_seeds():
     assert _pairs_of(ds, batches=3) == _pairs_of(ds, batches=3) == first[:15]
 
 
+def test_pair_dataset_start_continues_the_stream():
+    """`start=k` yields the stream of the same seed from its k-th batch on, across epochs (25
+    pairs each here), without gathering the skipped volumes."""
+    images = _coded_images(5)
+    whole = _pairs_of(data.pair_dataset(images, batch_size=2, seed=3), batches=20)
+    later = _pairs_of(data.pair_dataset(images, batch_size=2, seed=3, start=11), batches=9)
+    assert later == whole[22:]
+    with pytest.raises(ValueError, match="start must be >= 0"):
+        data.pair_dataset(images, start=-1)
+
+
 def test_pair_dataset_no_shuffle_drop_remainder():
     images = _coded_images(3)
     pairs = _pairs_of(data.pair_dataset(images, batch_size=2, shuffle=False, repeat=False))

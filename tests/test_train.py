@@ -402,3 +402,95 @@ def test_every_seed_method_trains_through_the_training_command(data_dir, tmp_pat
     assert summary["step"] == 3 and all(np.isfinite(l) for _, l in summary["loss_history"])
     assert 0.0 < summary["validation"]["dice_mean"] <= 1.0
     assert models.load(str(tmp_path / "model")).mdregnet_config["name"] == model
+
+
+def _weights_of(path):
+    from mdregnet import models
+
+    return models.load(str(path)).get_weights()
+
+
+@pytest.mark.slow
+def test_warm_start_continues_steps_history_and_weights(data_dir, tmp_path):
+    """`init_from`: the new run starts from the saved weights (a run at a negligible learning
+    rate ends where it started, a cold one elsewhere), changes of hyper-parameters that keep the
+    weight shapes are recorded, and the saved model carries the cumulative step count and the
+    whole history, also across an interruption of the warm-started run."""
+    from mdregnet import models
+
+    val = dict(val_subjects=["s2", "s3"], val_pairs=2, log_every=2)
+    first = tmp_path / "first"
+    train.train(_config(data_dir, first, steps=4, val_every=100, **val))
+    start = _weights_of(first / "model")
+
+    # Adam moves every weight by about lr per step: at lr 1e-9 three steps stay within 1e-8.
+    still = tmp_path / "still"
+    train.train(_config(data_dir, still, steps=3, lr=1e-9, init_from=str(first / "model"), **val))
+    for a, b in zip(start, _weights_of(still / "model")):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-8)
+    cold = tmp_path / "cold"
+    train.train(_config(data_dir, cold, steps=3, lr=1e-9, seed=1, **val))
+    assert max(float(np.abs(a - b).max()) for a, b in zip(start, _weights_of(cold / "model"))) \
+        > 1e-3
+
+    # A continuation with another lam, interrupted after 3 of its 5 steps and resumed.
+    second = tmp_path / "second"
+    config = _config(data_dir, second, steps=3, val_every=100, lam=0.5,
+                     init_from=str(first / "model"), **val)
+    summary = train.train(config)
+    assert summary["resumed_from"] is None and summary["validation"]["step"] == 7
+    summary = train.train(dict(config, steps=5))
+    assert summary["resumed_from"] == 3 and summary["step"] == 5
+    extra = models.read_config(str(second / "model"))["extra"]
+    assert extra["cumulative_steps"] == extra["step"] == 9 and extra["run_steps"] == 5
+    history = extra["history"]
+    assert history["train_columns"] == list(train.TRAIN_COLUMNS)
+    assert [row[0] for row in history["train"]] == [2, 4, 6, 7, 8, 9]  # kept across the resume
+    assert all(row[2] == pytest.approx(1e-3) and row[3] == "float32" for row in history["train"])
+    assert [v["step"] for v in history["validation"]] == [0, 4, 7, 9]
+    assert all(0.0 <= v["dice_mean"] <= 1.0 for v in history["validation"])
+    runs = history["runs"]
+    assert [(r["start_step"], r["end_step"]) for r in runs] == [(0, 4), (4, 9)]
+    assert runs[0]["init_from"] is None and runs[0]["hparams"]["lam"] == 1.0
+    assert runs[1]["init_from"] == os.path.abspath(first / "model")
+    assert runs[1]["changed_hparams"] == {"lam": [1.0, 0.5]} and runs[1]["completed"]
+    assert runs[1]["hparams"]["lam"] == 0.5 and runs[1]["precision"] == "float32"
+    # TensorBoard continues the model's step count.
+    assert [s for s, _ in _events(second / "logs" / "train")["loss"]] == [6, 7, 8, 9]
+
+
+def test_warm_start_refuses_another_model_or_architecture(data_dir, tmp_path):
+    train.train(_config(data_dir, tmp_path / "vm", steps=1))
+    source = str(tmp_path / "vm" / "model")
+    with pytest.raises(train.ConfigError, match=r"--init_from .*a 'voxelmorph' model; this run "
+                                                r"trains 'mdregnet'"):
+        train.train(_config(data_dir, tmp_path / "a", model="mdregnet", init_from=source))
+    wider = {"enc_features": [8, 16, 16, 32]}
+    with pytest.raises(train.ConfigError, match=r"weights of another architecture.*"
+                                                r"enc_features: saved \[8, 16, 16, 16\], now "
+                                                r"\[8, 16, 16, 32\]"):
+        train.train(_config(data_dir, tmp_path / "b", hparams=dict(TINY["voxelmorph"], **wider),
+                            init_from=source))
+    with pytest.raises(train.ConfigError, match=r"--init_from: .*nowhere: no such model"):
+        train.train(_config(data_dir, tmp_path / "c", init_from=str(tmp_path / "nowhere")))
+    assert not (tmp_path / "a" / "ckpt").exists() and not (tmp_path / "c" / "ckpt").exists()
+
+
+@pytest.mark.slow
+def test_warm_start_from_the_shipped_model_records_its_earlier_training(data_dir, tmp_path):
+    """The shipped MDReg-Net (saved before histories existed) continued with the opt-in
+    half-resolution integration: its steps are counted on, its last numbers kept."""
+    from mdregnet import models
+
+    shipped = os.path.join(REPO, "mdregnet", "pretrained", "mdregnet_ixi2mm")
+    before = models.read_config(shipped)["extra"]
+    summary = train.train(dict(model="mdregnet", hparams={"int_downsize": 2}, data_dir=data_dir,
+                               workdir=str(tmp_path), steps=1, log_every=1, val_subjects=None,
+                               init_from=shipped))
+    assert summary["step"] == 1
+    extra = models.read_config(str(tmp_path / "model"))["extra"]
+    assert extra["cumulative_steps"] == before.get("cumulative_steps", before["step"]) + 1
+    runs = extra["history"]["runs"]
+    assert runs[-1]["changed_hparams"] == {"int_downsize": [1, 2]}
+    assert runs[-1]["start_step"] == extra["cumulative_steps"] - 1
+    assert runs[0]["start_step"] == 0 and runs[0]["lr"] == pytest.approx(1e-4)

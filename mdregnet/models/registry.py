@@ -410,14 +410,44 @@ def load(directory, input_shape=None):
         raise InvalidInputError(f"{config_path}: the model cannot be built from this config "
                                 f"({type(err).__name__}: {' '.join(str(err).split())[:300]})") \
             from None
+    load_weights(model, directory)
+    if "extra" in config:
+        model.mdregnet_config["extra"] = config["extra"]
+    return model
+
+
+def load_weights(model, directory):
+    """Loads the weights of the saved model in `directory` into `model` (a warm start).
+
+    The file must hold exactly one array per variable of `model`, of the same shapes (compared
+    before Keras reads it; hyper-parameters that do not change the architecture, such as the
+    regularisation weight or the integration grid, may differ from the saved model's), all
+    finite. Only the weights file is read (HDF5 arrays, nothing executed).
+
+    Args:
+        model: a model made by `build`.
+        directory: a model directory written by `save`.
+
+    Raises:
+        MissingFileError (a FileNotFoundError): no weights file.
+        InvalidInputError (a ValueError): weights of another architecture (the first differing
+            shape is named), not a readable HDF5 file, or holding NaN/Inf; the message starts
+            with the weights file.
+    """
+    weights = os.path.join(os.fspath(directory), WEIGHTS_FILE)
+    if not os.path.exists(weights):
+        raise MissingFileError(f"{weights}: no such file")
+    if not os.path.isfile(weights):
+        raise InvalidInputError(f"{weights}: not a regular file")
+    name = getattr(model, "mdregnet_config", {}).get("name", "this")
     try:
         stored = _weight_shapes(weights)
         wanted = sorted(tuple(int(n) for n in v.shape) for v in model.weights)
         if stored != wanted:
             first = next((f"file {a} vs model {b}" for a, b in zip(stored, wanted) if a != b),
                          "")
-            raise ValueError(f"the file holds {len(stored)} arrays, the {config['name']!r} model "
-                             f"of {CONFIG_FILE} has {len(wanted)} variables"
+            raise ValueError(f"the file holds {len(stored)} arrays, the {name!r} model "
+                             f"has {len(wanted)} variables"
                              + (f" (shapes differ: {first})" if first else "")
                              + ": weights of another architecture")
         model.load_weights(weights)
@@ -430,6 +460,3 @@ def load(directory, input_shape=None):
     for variable in model.weights:
         if not np.isfinite(np.asarray(variable)).all():
             raise InvalidInputError(f"{weights}: variable {variable.path!r} holds NaN or Inf")
-    if "extra" in config:
-        model.mdregnet_config["extra"] = config["extra"]
-    return model
