@@ -666,11 +666,18 @@ def read_init(path, name, hparams):
     changed = {k: [old.get(k), hparams.get(k)] for k in sorted(set(old) | set(hparams))
                if _jsonable(old.get(k)) != _jsonable(hparams.get(k))}
     extra = config.get("extra") or {}
-    history = extra.get("history") if isinstance(extra.get("history"), dict) else None
-    history = history or _legacy_history(extra)
-    steps = extra.get("cumulative_steps", extra.get("step", 0))
-    return {"from": os.path.abspath(path), "steps": int(steps or 0),
+    history, steps = model_history(extra)
+    return {"from": os.path.abspath(path), "steps": steps,
             "changed_hparams": _jsonable(changed), "history": _jsonable(history)}
+
+
+def model_history(extra):
+    """`(history, cumulative_steps)` of a saved model from its config's 'extra' dict: the
+    recorded history (`empty_history` layout), or for a model saved before histories were
+    recorded the one-run history of its final numbers."""
+    history = extra.get("history") if isinstance(extra.get("history"), dict) else None
+    steps = extra.get("cumulative_steps", extra.get("step", 0))
+    return history or _legacy_history(extra), int(steps or 0)
 
 
 def merge_history(base, run_record, run_rows):

@@ -238,6 +238,62 @@ def test_mixed_precision_trains_with_loss_scaling(data_dir, tmp_path):
     assert models.load(str(tmp_path / "model")).dtype_policy.name == "float32"
 
 
+@pytest.mark.slow
+def test_bfloat16_trains_without_loss_scaling(data_dir, tmp_path):
+    """'bf16' (emulated on a CPU without AVX512-BF16: 2 steps): no loss scaling; the policy is
+    recorded in the history and restored afterwards, and the saved model is float32."""
+    import keras
+
+    from mdregnet import models
+
+    summary = train.train(_config(data_dir, tmp_path, steps=2, mixed_precision="bf16"))
+    assert summary["precision"] == "mixed_bfloat16" and summary["step"] == 2
+    assert all(np.isfinite(loss) for _, loss in summary["loss_history"])
+    assert "loss_scale" not in _events(tmp_path / "logs" / "train")
+    history = models.read_config(str(tmp_path / "model"))["extra"]["history"]
+    assert {row[3] for row in history["train"]} == {"mixed_bfloat16"}
+    assert history["runs"][-1]["precision"] == "mixed_bfloat16"
+    assert keras.mixed_precision.global_policy().name == "float32"
+    assert models.load(str(tmp_path / "model")).dtype_policy.name == "float32"
+
+
+@pytest.mark.parametrize("model", ["voxelmorph", "mdregnet"])
+def test_bfloat16_policy_keeps_fields_in_float32(model):
+    """Under 'mixed_bfloat16' the convolutions compute in bfloat16, the flow heads and all that
+    follows them (integration, warps, resizing, smoothing) in float32: every output is float32."""
+    import keras
+
+    from mdregnet import models
+
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        net = models.build(model, (32, 32, 32), **TINY[model])
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    convs = [layer for layer in net.layers if isinstance(layer, keras.layers.Conv3D)]
+    heads = [layer for layer in convs if layer.filters == 3]  # the flow heads (3 channels)
+    assert len(heads) == {"voxelmorph": 1, "mdregnet": 3}[model]
+    assert all(layer.compute_dtype == "float32" for layer in heads)
+    assert all(layer.compute_dtype == "bfloat16" for layer in convs if layer not in heads)
+    x = np.random.default_rng(0).random((1, 32, 32, 32, 1)).astype(np.float32)
+    outputs = net([x, x])
+    assert {str(v.dtype) for v in outputs.values()} == {"<dtype: 'float32'>"}, \
+        {k: str(v.dtype) for k, v in outputs.items()}
+
+
+def test_precision_modes():
+    import tensorflow as tf
+
+    assert train.resolve_precision("off") == "float32"
+    assert train.resolve_precision("fp16") == train.resolve_precision("on") == "mixed_float16"
+    assert train.resolve_precision("bf16") == "mixed_bfloat16"
+    auto = ("mixed_float16" if tf.config.list_physical_devices("GPU") else
+            "mixed_bfloat16" if train.cpu_has_bf16() else "float32")
+    assert train.resolve_precision("auto") == auto
+    with pytest.raises(train.ConfigError, match="mixed_precision must be one of"):
+        train.resolve_precision("int8")
+
+
 _MIRRORED_SCRIPT = textwrap.dedent("""
     import json, os, sys
     import numpy as np
@@ -457,6 +513,20 @@ def test_warm_start_continues_steps_history_and_weights(data_dir, tmp_path):
     assert runs[1]["hparams"]["lam"] == 0.5 and runs[1]["precision"] == "float32"
     # TensorBoard continues the model's step count.
     assert [s for s, _ in _events(second / "logs" / "train")["loss"]] == [6, 7, 8, 9]
+
+    # experiments/training_curve.py draws it and tabulates every validation.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "training_curve", os.path.join(REPO, "experiments", "training_curve.py"))
+    curve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(curve)
+    histories = [curve.load_history(str(second / "model")), curve.load_history(str(first / "model"))]
+    assert [label for label, _ in histories] == ["voxelmorph (9 steps)", "voxelmorph (4 steps)"]
+    curve.plot(histories, str(tmp_path / "curve.png"))
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = curve.table(histories).splitlines()[2:]
+    assert len(rows) == 4 + 2 and rows[3].startswith("| voxelmorph (9 steps) | 9 | ")
 
 
 def test_warm_start_refuses_another_model_or_architecture(data_dir, tmp_path):

@@ -37,6 +37,7 @@ import tensorflow as tf
 
 from mdregnet import layers, losses
 from mdregnet.models import blocks
+from mdregnet.models.blocks import FLOAT32 as F32
 from mdregnet.models.registry import Method, register
 
 _SMOOTHING = ("deformation", "velocity", "none")
@@ -118,7 +119,7 @@ class MDRegNet(Method):
         moving = keras.Input((*input_shape, 1), name="moving")
         fixed = keras.Input((*input_shape, 1), name="fixed")
         depth = len(enc)
-        pyramid = layers.AvgPoolPyramid(depth, name="pyramid")
+        pyramid = layers.AvgPoolPyramid(depth, **F32, name="pyramid")
         moving_pyr = pyramid(moving)
         fixed_pyr = pyramid(fixed)
 
@@ -133,21 +134,23 @@ class MDRegNet(Method):
             if v_acc is None:
                 v_acc = v_inc
             else:
-                v_acc = keras.layers.Add(name=f"v_acc_level{level}")(
-                    [layers.RescaleTransform(2, name=f"v_up_level{level}")(v_acc), v_inc])
+                v_acc = keras.layers.Add(**F32, name=f"v_acc_level{level}")(
+                    [layers.RescaleTransform(2, **F32, name=f"v_up_level{level}")(v_acc), v_inc])
             if level == n_levels:
                 break
             grid = depth - level  # pyramid index of level l's grid (1/2**grid resolution)
-            integrate = layers.VecInt(hp["int_steps"], name=f"integrate_level{level}")
+            integrate = layers.VecInt(hp["int_steps"], **F32, name=f"integrate_level{level}")
             disp_l = integrate(v_acc)
             outputs[f"warped_level{level}"] = layers.SpatialTransformer(
-                name=f"warp_level{level}")([moving_pyr[grid], disp_l])
+                **F32, name=f"warp_level{level}")([moving_pyr[grid], disp_l])
             if hp["bidirectional"]:
-                inv_l = integrate(keras.layers.Rescaling(-1.0, name=f"negate_level{level}")(v_acc))
+                negate = keras.layers.Rescaling(-1.0, **F32, name=f"negate_level{level}")
+                inv_l = integrate(negate(v_acc))
                 outputs[f"warped_fixed_level{level}"] = layers.SpatialTransformer(
-                    name=f"warp_fixed_level{level}")([fixed_pyr[grid], inv_l])
-            disp_full = layers.RescaleTransform(2 ** grid, name=f"disp_up_level{level}")(disp_l)
-            warped_in = layers.SpatialTransformer(name=f"warp_input_level{level + 1}")(
+                    **F32, name=f"warp_fixed_level{level}")([fixed_pyr[grid], inv_l])
+            disp_full = layers.RescaleTransform(2 ** grid, **F32,
+                                                name=f"disp_up_level{level}")(disp_l)
+            warped_in = layers.SpatialTransformer(**F32, name=f"warp_input_level{level + 1}")(
                 [moving, disp_full])
 
         # Final SVF to full resolution by linear interpolation (paper: "obtained from the output
@@ -159,19 +162,20 @@ class MDRegNet(Method):
                              f"{n_levels} is at 1/{2 ** grid} resolution), got {downsize}")
         velocity = v_acc
         if 2 ** grid // downsize > 1:
-            velocity = layers.RescaleTransform(2 ** grid // downsize, name="velocity_full")(v_acc)
+            velocity = layers.RescaleTransform(2 ** grid // downsize, **F32,
+                                               name="velocity_full")(v_acc)
         smooth = None
         if hp["smoothing"] != "none":
             smooth = layers.GaussianSmooth3D(hp["smooth_sigma"], hp["smooth_kernel"], ndims=ndims,
-                                             name="smoothing")
+                                             **F32, name="smoothing")
         if hp["smoothing"] == "velocity":
             velocity = smooth(velocity)
-        integrate = layers.VecInt(hp["int_steps"], name="integrate")
+        integrate = layers.VecInt(hp["int_steps"], **F32, name="integrate")
         disp = integrate(velocity)
-        inverse_disp = integrate(keras.layers.Rescaling(-1.0, name="negate")(velocity))
+        inverse_disp = integrate(keras.layers.Rescaling(-1.0, **F32, name="negate")(velocity))
         if downsize > 1:
-            disp = layers.RescaleTransform(downsize, name="disp_full")(disp)
-            inverse_disp = layers.RescaleTransform(downsize, name="inverse_disp_full")(
+            disp = layers.RescaleTransform(downsize, **F32, name="disp_full")(disp)
+            inverse_disp = layers.RescaleTransform(downsize, **F32, name="inverse_disp_full")(
                 inverse_disp)
         if hp["smoothing"] == "deformation":
             disp = smooth(disp)
@@ -179,8 +183,8 @@ class MDRegNet(Method):
         outputs["velocity"] = velocity
         outputs["disp"] = disp
         outputs["inverse_disp"] = inverse_disp
-        outputs["warped"] = layers.SpatialTransformer(name="warp")([moving, disp])
-        outputs["warped_fixed"] = layers.SpatialTransformer(name="warp_fixed")(
+        outputs["warped"] = layers.SpatialTransformer(**F32, name="warp")([moving, disp])
+        outputs["warped_fixed"] = layers.SpatialTransformer(**F32, name="warp_fixed")(
             [fixed, inverse_disp])
         return keras.Model([moving, fixed], outputs, name="mdregnet")
 

@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from mdregnet import layers, losses
 from mdregnet.models import blocks
+from mdregnet.models.blocks import FLOAT32 as F32
 from mdregnet.models.registry import Method, register
 
 #: Values of the `similarity` hyper-parameter.
@@ -101,19 +102,22 @@ class VoxelMorph(Method):
         h = unet(x, hp["enc_features"], hp["dec_features"])
         flow = blocks.flow_head(h, ndims, name="flow")
         down = int(hp["int_downsize"])
-        velocity = flow if down == 1 else layers.RescaleTransform(1.0 / down, name="svf_down")(flow)
-        integrate = layers.VecInt(hp["int_steps"], name="integrate")
+        velocity = flow if down == 1 else layers.RescaleTransform(1.0 / down, **F32,
+                                                                  name="svf_down")(flow)
+        integrate = layers.VecInt(hp["int_steps"], **F32, name="integrate")
         disp = integrate(velocity)
-        inverse_disp = integrate(keras.layers.Rescaling(-1.0, name="negate")(velocity))
+        inverse_disp = integrate(keras.layers.Rescaling(-1.0, **F32, name="negate")(velocity))
         if down != 1:
-            disp = layers.RescaleTransform(down, name="disp_up")(disp)
-            inverse_disp = layers.RescaleTransform(down, name="inverse_disp_up")(inverse_disp)
+            disp = layers.RescaleTransform(down, **F32, name="disp_up")(disp)
+            inverse_disp = layers.RescaleTransform(down, **F32,
+                                                   name="inverse_disp_up")(inverse_disp)
         outputs = {
             "velocity": velocity,
             "disp": disp,
             "inverse_disp": inverse_disp,
-            "warped": layers.SpatialTransformer(name="warp")([moving, disp]),
-            "warped_fixed": layers.SpatialTransformer(name="warp_fixed")([fixed, inverse_disp]),
+            "warped": layers.SpatialTransformer(**F32, name="warp")([moving, disp]),
+            "warped_fixed": layers.SpatialTransformer(**F32, name="warp_fixed")(
+                [fixed, inverse_disp]),
         }
         return keras.Model([moving, fixed], outputs, name="voxelmorph")
 
