@@ -14,9 +14,7 @@
 # schedule allowed by #15: '{"int_downsize": 2}' for most MDReg-Net steps, then at least 5,000
 # steps with the paper's full-resolution integration, '{}').
 #
-# Two runs share the 2 cores: each TensorFlow process is limited to one intra-op and one inter-op
-# thread (TF_NUM_INTRAOP_THREADS / TF_NUM_INTEROP_THREADS), which measured faster in total than
-# two processes each spreading over both cores.
+# `start` on a model whose run folder exists resumes that run (same command, its checkpoints).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -42,11 +40,13 @@ start)
     [ -d "$DATA/images" ] || { echo "$DATA: run 'make prepare-ixi' first" >&2; exit 1; }
     mkdir -p "$ROOT"
     workdir="$ROOT/$model"
-    [ -e "$workdir" ] && { echo "$workdir exists: 'stop $model' first, or remove it" >&2; exit 1; }
-    cmd=$(train_cmd "$model" "$hparams" "$workdir" "$STEPS")
-    echo "$cmd" > "$ROOT/$model.cmd"
-    TF_NUM_INTRAOP_THREADS=1 TF_NUM_INTEROP_THREADS=1 TF_CPP_MIN_LOG_LEVEL=2 \
-        nohup bash -c "exec $cmd" > "$ROOT/$model.log" 2>&1 &
+    if [ -e "$workdir" ]; then  # resume the run there (its checkpoints), same command
+        cmd=$(cat "$ROOT/$model.cmd")
+    else
+        cmd=$(train_cmd "$model" "$hparams" "$workdir" "$STEPS")
+        echo "$cmd" > "$ROOT/$model.cmd"
+    fi
+    TF_CPP_MIN_LOG_LEVEL=2 nohup bash -c "exec $cmd" >> "$ROOT/$model.log" 2>&1 &
     echo $! > "$ROOT/$model.pid"
     echo "started $model (pid $!): log $ROOT/$model.log"
     ;;
