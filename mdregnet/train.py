@@ -948,6 +948,411 @@ def _format_eta(seconds):
 # ------------------------------------------------------------------------------------------------
 # Training
 # ------------------------------------------------------------------------------------------------
+class Trainer:
+    """One training run, in the manner of tensorflow/models' `official/core/base_trainer.py`:
+    `setup` (strategy, data, run directory, model, optimizer, checkpoint, pipeline, writers),
+    `restore` (the run's own checkpoint, or the weights of `init_from`), `step`, `log`,
+    `validate`, `checkpoint` and `finish` (the final model); `run` composes them. `train()` is
+    `Trainer(config).run()`; see it for the arguments, the summary returned and the errors.
+    """
+
+    def __init__(self, config, step_callback=None):
+        self.cfg = as_config(config)
+        self.hparams = _validate(self.cfg)
+        self.step_callback = step_callback
+
+    # ---- setup ---------------------------------------------------------------------------------
+    def setup(self):
+        """Everything before the first step; nothing is written before the checks passed."""
+        import tensorflow as tf
+
+        from mdregnet import models
+
+        cfg = self.cfg
+        self.strategy = get_strategy(cfg.strategy)  # first: MultiWorkerMirroredStrategy needs it
+        self.replicas = self.strategy.num_replicas_in_sync
+        if cfg.batch_size % self.replicas:
+            raise ConfigError(f"batch_size {cfg.batch_size} (global) is not divisible by the "
+                              f"{self.replicas} replicas of strategy {cfg.strategy!r}")
+        self.is_chief, self.task_id = _worker(self.strategy)
+        self.precision = resolve_precision(cfg.mixed_precision)
+        self.mixed = self.precision != "float32"
+        # bfloat16 has float32's exponent range: only float16 needs loss scaling
+        self.loss_scaling = self.precision == "mixed_float16"
+        self.divisor = models.get_method(cfg.model).divisor
+        # data (validation on the chief only: it needs no collective op)
+        loaded = load_data(cfg, self.divisor, with_validation=self.is_chief)
+        self.train_ids, self.images, self.val = (loaded["train_ids"], loaded["images"],
+                                                 loaded["val"])
+        self.data_shape, self.shape = loaded["data_shape"], loaded["shape"]
+        self._setup_run_directory(tf)
+        self._build()
+        self.restore()
+        self._write_run_config()
+        self._setup_pipeline()
+        self._setup_writers()
+
+    def _setup_run_directory(self, tf):
+        """Paths, the resumption check against the run config beside the checkpoints, the warm
+        start's record, and a writable run directory."""
+        cfg = self.cfg
+        self.ckpt_dir = os.path.join(cfg.workdir, "ckpt")
+        self.log_dir = cfg.log_dir or os.path.join(cfg.workdir, "logs")
+        self.model_dir = os.path.join(cfg.workdir, "model")
+        self.config_path = os.path.join(self.ckpt_dir, CONFIG_FILE)
+        self.history_path = os.path.join(self.ckpt_dir, HISTORY_FILE)
+        self.latest = (tf.train.latest_checkpoint(self.ckpt_dir)
+                       if os.path.isdir(self.ckpt_dir) else None)
+        self.settings = cfg.to_json()
+        self.init = None
+        if self.latest:
+            if not os.path.isfile(self.config_path):
+                raise ConfigError(f"{self.ckpt_dir}: checkpoints without {CONFIG_FILE}; cannot "
+                                  "check that they belong to this model; use another --workdir")
+            saved_run = _read_run_config(self.config_path)
+            _check_resumable(self.config_path, saved_run, cfg.model, self.hparams,
+                             self.settings)
+            self.init = saved_run.get("init")  # the warm start of the run being resumed, if any
+            if cfg.init_from and (self.init or {}).get("from") != os.path.abspath(cfg.init_from):
+                print(f"note: --init_from {cfg.init_from} ignored: resuming the run in "
+                      f"{cfg.workdir}, whose checkpoints hold the weights", flush=True)
+        elif cfg.init_from:
+            self.init = read_init(cfg.init_from, cfg.model, self.hparams)
+        self.base_step = int(self.init["steps"]) if self.init else 0
+        _make_writable_dir(cfg.workdir, "--workdir")
+        _make_writable_dir(self.ckpt_dir, "--workdir's checkpoint folder")
+        self.save_dir = (self.ckpt_dir if self.is_chief
+                         else os.path.join(self.ckpt_dir, f".worker{self.task_id}"))
+
+    def _build(self):
+        """Model, objective, optimizer and checkpoint, under the strategy's scope and the
+        precision's Keras policy (restored afterwards)."""
+        import keras
+        import tensorflow as tf
+
+        from mdregnet import models
+
+        cfg = self.cfg
+        keras.utils.set_random_seed(cfg.seed)
+        if cfg.deterministic:
+            tf.config.experimental.enable_op_determinism()
+        previous_policy = keras.mixed_precision.global_policy()
+        if self.mixed:
+            keras.mixed_precision.set_global_policy(self.precision)
+        try:
+            model_shape = (int(cfg.patch_size),) * len(self.shape) if cfg.patch_size \
+                else self.shape
+            if cfg.patch_size:
+                check_shape(model_shape, cfg.model, self.divisor, "--patch_size")
+            with self.strategy.scope():
+                self.model = models.build(cfg.model, model_shape, **self.hparams)
+                self.loss_fn = models.objective(self.model)
+                optimizer = keras.optimizers.Adam(learning_rate=cfg.lr)
+                if self.loss_scaling:
+                    optimizer = keras.mixed_precision.LossScaleOptimizer(optimizer)
+                optimizer.build(self.model.trainable_variables)  # slots exist before a restore
+                self.optimizer = optimizer
+                self.step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+                self.ckpt = tf.train.Checkpoint(model=self.model, optimizer=optimizer,
+                                                step=self.step_var)
+                self.manager = tf.train.CheckpointManager(self.ckpt, self.save_dir,
+                                                          max_to_keep=3, checkpoint_name="ckpt")
+        finally:
+            keras.mixed_precision.set_global_policy(previous_policy)
+
+    def restore(self):
+        """Restores the run's latest checkpoint (model, optimizer, step), or else loads the
+        weights of `init_from` (a warm start, fresh optimizer)."""
+        from mdregnet import models
+
+        self.resumed_from = None
+        with self.strategy.scope():
+            if self.latest:
+                self.ckpt.restore(self.latest).assert_existing_objects_matched()
+                self.resumed_from = int(self.step_var.numpy())
+            elif self.init:
+                try:
+                    models.load_weights(self.model, self.cfg.init_from)
+                except (ValueError, OSError) as err:
+                    changed = "; ".join(f"{k}: saved {a!r}, now {b!r}"
+                                        for k, (a, b) in self.init["changed_hparams"].items())
+                    raise ConfigError(f"--init_from: {err}"
+                                      + (f" (hyper-parameters that differ: {changed})"
+                                         if changed else "")) from None
+        self.start_step = int(self.step_var.numpy())
+        # This run's history rows (cumulative steps), saved beside each checkpoint so a resumed
+        # run keeps them; merged with the warm start's history into the saved model's config.
+        self.run_rows = (_read_run_rows(self.history_path, self.base_step + self.start_step)
+                         if self.latest else {"train": [], "validation": []})
+
+    def _write_run_config(self):
+        import keras
+        import tensorflow as tf
+
+        self.run_config = {
+            "format": CONFIG_FORMAT, "model": _jsonable(self.model.mdregnet_config),
+            "init": self.init, "train": self.settings,
+            "data": {"shape": list(self.data_shape), "input_shape": list(self.shape),
+                     "train_ids": self.train_ids,
+                     "val_ids": self.val["ids"] if self.val else []},
+            "runtime": {"strategy": self.cfg.strategy, "replicas": self.replicas,
+                        "mixed_precision": self.mixed, "precision": self.precision,
+                        "tensorflow": tf.__version__, "keras": keras.__version__}}
+        if self.is_chief:
+            _write_json(self.config_path, self.run_config)
+
+    def _setup_pipeline(self):
+        """The deterministic pair stream, continued at the model's step; the step and predict
+        functions."""
+        import tensorflow as tf
+
+        from mdregnet import data
+
+        cfg = self.cfg
+        offset = self.base_step + self.start_step
+        if cfg.patch_size:
+            from mdregnet import patches
+
+            dataset = patches.patch_pair_dataset(self.images, patch_size=cfg.patch_size,
+                                                 patches_per_pair=cfg.patches_per_pair,
+                                                 batch_size=cfg.batch_size, seed=cfg.seed)
+            if offset:
+                dataset = dataset.skip(offset)
+        else:  # a warm-started run continues the pair stream of the model it starts from
+            dataset = data.pair_dataset(self.images, batch_size=cfg.batch_size, seed=cfg.seed,
+                                        shuffle=True, repeat=True, start=offset)
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = \
+            tf.data.experimental.AutoShardPolicy.DATA
+        dataset = dataset.with_options(options)
+        self.batches = iter(self.strategy.experimental_distribute_dataset(dataset))
+        self.train_step = make_train_step(self.model, self.loss_fn, self.optimizer,
+                                          self.strategy, loss_scaling=self.loss_scaling)
+        if not self.val:
+            self.predict = None
+        elif cfg.patch_size:
+            self.predict = make_patch_predict(self.model, self.loss_fn, cfg.patch_size)
+        else:
+            self.predict = make_predict(self.model, self.loss_fn)
+
+    def _setup_writers(self):
+        import tensorflow as tf
+
+        if self.is_chief:
+            self.train_writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "train"))
+            self.val_writer = tf.summary.create_file_writer(
+                os.path.join(self.log_dir, "validation"))
+        else:
+            self.train_writer = self.val_writer = tf.summary.create_noop_writer()
+        self.summary = {
+            "steps": self.cfg.steps, "interrupted": False, "signal": None,
+            "resumed_from": self.resumed_from, "loss_history": [], "val_history": [],
+            "validation": None, "train_loss": None, "model_dir": None,
+            "replicas": self.replicas, "strategy": self.cfg.strategy,
+            "mixed_precision": self.mixed, "precision": self.precision,
+            "input_shape": list(self.shape), "workdir": os.path.abspath(self.cfg.workdir)}
+        self.pending = []  # (total, terms) tensors of the steps since the last log line
+        self.timer_step = self.timer_start = None
+
+    # ---- records -------------------------------------------------------------------------------
+    def run_record(self, step, completed):
+        """This run's entry of the history's 'runs' list (see `empty_history`)."""
+        cfg, init = self.cfg, self.init
+        return {"start_step": self.base_step, "end_step": self.base_step + step,
+                "init_from": init["from"] if init else None,
+                "changed_hparams": init["changed_hparams"] if init else {},
+                "hparams": _jsonable(self.hparams), "lr": cfg.lr, "batch_size": cfg.batch_size,
+                "precision": self.precision, "seed": cfg.seed, "strategy": cfg.strategy,
+                "replicas": self.replicas, "input_shape": list(self.shape),
+                "data_dir": cfg.data_dir, "train_subjects": len(self.train_ids),
+                "completed": bool(completed),
+                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+    def save_history(self, step, completed=False):
+        if self.is_chief:
+            _write_json(self.history_path,
+                        {"run": self.run_record(step, completed), **self.run_rows})
+
+    # ---- the loop's parts ----------------------------------------------------------------------
+    def step(self, step):
+        """Runs training step `step` (1-based) on the next batch."""
+        import tensorflow as tf
+
+        try:
+            total, terms = self.train_step(next(self.batches))
+        except _COLLECTIVE_ERRORS(tf) as err:
+            if self.cfg.strategy != "multi_worker":
+                raise
+            raise WorkerLostError(
+                f"worker {self.task_id}: lost contact with the cluster at step {step} "
+                f"({type(err).__name__}: {_first_line(err)}); the last complete checkpoint "
+                f"is {tf.train.latest_checkpoint(self.ckpt_dir) or 'none'}: restart every "
+                "worker with the same command to resume from it") from None
+        self.pending.append((total, terms))
+        if self.timer_start is None:  # the first step traces and compiles: time from its end
+            self.timer_step, self.timer_start = step, time.perf_counter()
+
+    def log(self, step):
+        """A progress line, a history row and the TensorBoard scalars of the steps since the
+        last one (their mean loss and terms)."""
+        cfg, pending = self.cfg, self.pending
+        mean_total = float(np.mean([float(t) for t, _ in pending]))
+        mean_terms = {k: float(np.mean([float(t[k]) for _, t in pending])) for k in pending[-1][1]}
+        self.pending = []
+        if not math.isfinite(mean_total) and not self.loss_scaling:
+            raise FloatingPointError(f"the loss is {mean_total} at step {step}; last "
+                                     f"checkpoint: {self.manager.latest_checkpoint}")
+        elapsed = time.perf_counter() - self.timer_start
+        rate = (step - self.timer_step) / elapsed if step > self.timer_step else float("nan")
+        eta = _format_eta((cfg.steps - step) / rate) if rate > 0 else "?"
+        self.summary["loss_history"].append([step, mean_total])
+        self.summary["train_loss"] = mean_total
+        lr_now = _read(self.optimizer.learning_rate)
+        cum = self.base_step + step
+        self.run_rows["train"].append([cum, mean_total, lr_now, self.precision,
+                                       rate if math.isfinite(rate) else None])
+        with self.train_writer.as_default():
+            summary_scalar("loss", mean_total, cum)
+            for key, value in mean_terms.items():
+                summary_scalar(f"loss/{key}", value, cum)
+            summary_scalar("learning_rate", lr_now, cum)
+            if math.isfinite(rate):
+                summary_scalar("steps_per_second", rate, cum)
+            if self.loss_scaling:
+                summary_scalar("loss_scale", _read(self.optimizer.dynamic_scale), cum)
+        self.train_writer.flush()
+        print(f"step {step}/{cfg.steps}" + (f" (model step {cum})" if self.base_step else "")
+              + f"  loss {mean_total:.5f}  {rate:.3g} steps/s  ETA {eta}", flush=True)
+
+    def validate(self, step):
+        """Registers the validation pairs (`validate`), records and logs the numbers."""
+        metrics_, slices = validate(self.predict, self.val["images"], self.val["labels"],
+                                    self.val["pairs"])
+        cum = self.base_step + step
+        self.summary["validation"] = dict(metrics_, step=cum)
+        self.summary["val_history"].append([step, metrics_])
+        rows = self.run_rows["validation"]
+        if not rows or rows[-1]["step"] != cum:
+            rows.append(dict(metrics_, step=cum))
+        with self.val_writer.as_default():
+            for key in ("loss", "dice_mean", "dice_before", "folding_percent", "folding_count"):
+                if key in metrics_:
+                    summary_scalar(key, metrics_[key], cum)
+            for key, image in slices.items():
+                summary_image(f"slice/{key}", image, cum)
+        self.val_writer.flush()
+        text = "  ".join(f"{k} {v:.4g}" for k, v in metrics_.items() if k != "pairs")
+        print(f"validation at step {cum} ({metrics_['pairs']} pairs): {text}", flush=True)
+
+    def checkpoint(self, step):
+        """Saves checkpoint `step` and this run's history rows beside it.
+
+        Raises:
+            OutputError: the checkpoint could not be written; its partial files are removed.
+        """
+        import tensorflow as tf
+
+        self.step_var.assign(step)
+        try:
+            saved = self.manager.save(checkpoint_number=step)
+            self.save_history(step)
+            return saved
+        except (OSError, tf.errors.OpError) as err:
+            _remove_partial_checkpoint(os.path.join(self.save_dir, f"ckpt-{step}"))
+            reason = getattr(err, "message", None) or getattr(err, "strerror", None) or str(err)
+            raise OutputError(f"{self.save_dir}: cannot write the checkpoint of step {step} "
+                              f"({reason.splitlines()[0] if reason else type(err).__name__}); "
+                              f"the last complete checkpoint is "
+                              f"{tf.train.latest_checkpoint(self.save_dir) or 'none'}") from None
+
+    def finish(self, step):
+        """After the last step: the final validation and the saved model (chief), with the
+        cumulative step count and the whole training history."""
+        from mdregnet import models
+
+        val = self.val
+        if val and (self.summary["validation"] is None
+                    or self.summary["validation"]["step"] != self.base_step + step):
+            self.validate(step)
+        if self.is_chief:
+            self.save_history(step, completed=True)
+            history = merge_history(self.init["history"] if self.init else None,
+                                    self.run_record(step, completed=True), self.run_rows)
+            extra = {"step": self.base_step + step, "cumulative_steps": self.base_step + step,
+                     "run_steps": step, "train_loss": self.summary["train_loss"],
+                     "validation": self.summary["validation"], "run_config": self.run_config,
+                     "history": history}
+            models.save(self.model, self.model_dir, extra=_jsonable(extra))
+            self.summary["model_dir"] = os.path.abspath(self.model_dir)
+            print(f"final model saved in {self.model_dir}", flush=True)
+
+    # ---- the composition -----------------------------------------------------------------------
+    def _announce(self):
+        cfg = self.cfg
+        if self.resumed_from is not None:
+            print(f"resumed from {self.latest} at step {self.resumed_from}", flush=True)
+        elif self.init:
+            print(f"warm start from {self.init['from']} (trained {self.base_step} steps"
+                  + (f"; changed hyper-parameters {self.init['changed_hparams']}"
+                     if self.init["changed_hparams"] else "") + ")", flush=True)
+        n_params = sum(int(np.prod(v.shape)) for v in self.model.trainable_variables)
+        print(f"training {cfg.model} ({n_params} parameters) for {cfg.steps} steps, global batch "
+              f"{cfg.batch_size} on {self.replicas} replica(s) ({cfg.strategy}), lr {cfg.lr}, "
+              f"{self.precision}, workdir {cfg.workdir}", flush=True)
+
+    def _loop(self, stop):
+        """Steps until `cfg.steps` or a stop signal; returns the step reached."""
+        cfg = self.cfg
+        step = self.start_step
+        last_saved = self.start_step if self.latest else None
+        # The starting point is validated once: a warm start's was, as the end of its run.
+        if self.val and step == 0 and step < cfg.steps and not self.init:
+            self.validate(0)
+        while step < cfg.steps and stop.signum is None:
+            step += 1
+            self.step(step)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                self.log(step)
+            if step % cfg.checkpoint_every == 0:
+                self.checkpoint(step)
+                last_saved = step
+            if self.val and step % cfg.val_every == 0 and step < cfg.steps:
+                self.validate(step)
+            if self.step_callback is not None:
+                self.step_callback(step)
+        if last_saved != step:
+            self.checkpoint(step)
+        return step
+
+    def run(self):
+        """`setup`, the loop (checkpointing and stopping cleanly on SIGINT/SIGTERM), `finish`;
+        returns the summary dict of `train`."""
+        self.setup()
+        self._announce()
+        summary = self.summary
+        with _StopFlag() as stop:
+            step = self._loop(stop)
+            summary["checkpoint"] = self.manager.latest_checkpoint
+            if stop.signum is not None:
+                summary["interrupted"], summary["signal"] = True, stop.name
+                print(f"stopped by {stop.name} at step {step}/{self.cfg.steps}; checkpoint "
+                      f"{self.manager.latest_checkpoint} saved; run the same command again to "
+                      "resume", flush=True)
+        if self.timer_start is not None and step > self.timer_step:
+            summary["seconds_per_step"] = ((time.perf_counter() - self.timer_start)
+                                           / (step - self.timer_step))
+        summary["step"] = step
+        if not summary["interrupted"]:
+            self.finish(step)
+        if not self.is_chief:  # the other workers' checkpoints are scratch copies
+            import shutil
+
+            shutil.rmtree(self.save_dir, ignore_errors=True)
+        self.train_writer.close()
+        self.val_writer.close()
+        return summary
+
+
 def train(config, step_callback=None):
     """Trains a model; resumes from `workdir/ckpt` when checkpoints are there.
 
@@ -962,7 +1367,8 @@ def train(config, step_callback=None):
         interrupted), 'train_loss' (mean over the last logged window), 'loss_history' (list of
         [step, mean loss over the window]), 'validation' (last metrics, see `validate`, or None),
         'val_history' (list of [step, metrics]), 'seconds_per_step' (excluding the first step,
-        which traces), 'replicas', 'strategy', 'mixed_precision', 'input_shape', 'workdir'.
+        which traces), 'replicas', 'strategy', 'mixed_precision' (bool), 'precision' (the Keras
+        policy), 'input_shape', 'workdir'.
 
     Raises:
         ConfigError: a wrong setting, a data shape the model cannot take, or checkpoints of
@@ -975,301 +1381,7 @@ def train(config, step_callback=None):
         FloatingPointError: the loss became NaN/Inf (not in mixed precision, where the loss
             scale skips such steps).
     """
-    cfg = as_config(config)
-    hparams = _validate(cfg)
-
-    import keras
-    import tensorflow as tf
-
-    from mdregnet import models
-
-    strategy = get_strategy(cfg.strategy)  # first: MultiWorkerMirroredStrategy needs that
-    replicas = strategy.num_replicas_in_sync
-    if cfg.batch_size % replicas:
-        raise ConfigError(f"batch_size {cfg.batch_size} (global) is not divisible by the "
-                          f"{replicas} replicas of strategy {cfg.strategy!r}")
-    is_chief, task_id = _worker(strategy)
-    precision = resolve_precision(cfg.mixed_precision)
-    mixed = precision != "float32"
-    loss_scaling = precision == "mixed_float16"  # bfloat16 has float32's exponent range
-    divisor = models.get_method(cfg.model).divisor
-
-    # ---- data (validation on the chief only: it needs no collective op)
-    loaded = load_data(cfg, divisor, with_validation=is_chief)
-    train_ids, images, val = loaded["train_ids"], loaded["images"], loaded["val"]
-    data_shape, shape = loaded["data_shape"], loaded["shape"]
-
-    # ---- run directory and resumption check
-    ckpt_dir = os.path.join(cfg.workdir, "ckpt")
-    log_dir = cfg.log_dir or os.path.join(cfg.workdir, "logs")
-    model_dir = os.path.join(cfg.workdir, "model")
-    config_path = os.path.join(ckpt_dir, CONFIG_FILE)
-    history_path = os.path.join(ckpt_dir, HISTORY_FILE)
-    latest = tf.train.latest_checkpoint(ckpt_dir) if os.path.isdir(ckpt_dir) else None
-    settings = cfg.to_json()
-    init = None
-    if latest:
-        if not os.path.isfile(config_path):
-            raise ConfigError(f"{ckpt_dir}: checkpoints without {CONFIG_FILE}; cannot check that "
-                              "they belong to this model; use another --workdir")
-        saved_run = _read_run_config(config_path)
-        _check_resumable(config_path, saved_run, cfg.model, hparams, settings)
-        init = saved_run.get("init")  # the warm start of the run being resumed, if any
-        if cfg.init_from and (init or {}).get("from") != os.path.abspath(cfg.init_from):
-            print(f"note: --init_from {cfg.init_from} ignored: resuming the run in "
-                  f"{cfg.workdir}, whose checkpoints hold the weights", flush=True)
-    elif cfg.init_from:
-        init = read_init(cfg.init_from, cfg.model, hparams)
-    base_step = int(init["steps"]) if init else 0
-    _make_writable_dir(cfg.workdir, "--workdir")
-    _make_writable_dir(ckpt_dir, "--workdir's checkpoint folder")
-    save_dir = ckpt_dir if is_chief else os.path.join(ckpt_dir, f".worker{task_id}")
-
-    # ---- model, optimizer, checkpoint: all under the strategy's scope
-    keras.utils.set_random_seed(cfg.seed)
-    if cfg.deterministic:
-        tf.config.experimental.enable_op_determinism()
-    previous_policy = keras.mixed_precision.global_policy()
-    if mixed:
-        keras.mixed_precision.set_global_policy(precision)
-    try:
-        model_shape = (int(cfg.patch_size),) * len(shape) if cfg.patch_size else shape
-        if cfg.patch_size:
-            check_shape(model_shape, cfg.model, divisor, "--patch_size")
-        with strategy.scope():
-            model = models.build(cfg.model, model_shape, **hparams)
-            loss_fn = models.objective(model)
-            optimizer = keras.optimizers.Adam(learning_rate=cfg.lr)
-            if loss_scaling:
-                optimizer = keras.mixed_precision.LossScaleOptimizer(optimizer)
-            optimizer.build(model.trainable_variables)  # slots exist before a restore
-            step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-            checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step_var)
-            manager = tf.train.CheckpointManager(checkpoint, save_dir, max_to_keep=3,
-                                                 checkpoint_name="ckpt")
-            resumed_from = None
-            if latest:
-                checkpoint.restore(latest).assert_existing_objects_matched()
-                resumed_from = int(step_var.numpy())
-            elif init:
-                try:
-                    models.load_weights(model, cfg.init_from)
-                except (ValueError, OSError) as err:
-                    changed = "; ".join(f"{k}: saved {a!r}, now {b!r}"
-                                        for k, (a, b) in init["changed_hparams"].items())
-                    raise ConfigError(f"--init_from: {err}"
-                                      + (f" (hyper-parameters that differ: {changed})"
-                                         if changed else "")) from None
-    finally:
-        keras.mixed_precision.set_global_policy(previous_policy)
-    start_step = int(step_var.numpy())
-
-    run_config = {"format": CONFIG_FORMAT, "model": _jsonable(model.mdregnet_config),
-                  "init": init,
-                  "train": settings,
-                  "data": {"shape": list(data_shape), "input_shape": list(shape),
-                           "train_ids": train_ids, "val_ids": val["ids"] if val else []},
-                  "runtime": {"strategy": cfg.strategy, "replicas": replicas,
-                              "mixed_precision": mixed, "precision": precision,
-                              "tensorflow": tf.__version__,
-                              "keras": keras.__version__}}
-    if is_chief:
-        _write_json(config_path, run_config)
-
-    # ---- pipeline: deterministic pair stream, continued at the saved step
-    from mdregnet import data
-
-    if cfg.patch_size:
-        from mdregnet import patches
-
-        dataset = patches.patch_pair_dataset(images, patch_size=cfg.patch_size,
-                                             patches_per_pair=cfg.patches_per_pair,
-                                             batch_size=cfg.batch_size, seed=cfg.seed)
-        if base_step + start_step:
-            dataset = dataset.skip(base_step + start_step)
-    else:  # a warm-started run continues the pair stream of the model it starts from
-        dataset = data.pair_dataset(images, batch_size=cfg.batch_size, seed=cfg.seed,
-                                    shuffle=True, repeat=True, start=base_step + start_step)
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    dataset = dataset.with_options(options)
-    batches = iter(strategy.experimental_distribute_dataset(dataset))
-    train_step = make_train_step(model, loss_fn, optimizer, strategy, loss_scaling=loss_scaling)
-    if not val:
-        predict = None
-    elif cfg.patch_size:
-        predict = make_patch_predict(model, loss_fn, cfg.patch_size)
-    else:
-        predict = make_predict(model, loss_fn)
-
-    if is_chief:
-        train_writer = tf.summary.create_file_writer(os.path.join(log_dir, "train"))
-        val_writer = tf.summary.create_file_writer(os.path.join(log_dir, "validation"))
-    else:
-        train_writer = val_writer = tf.summary.create_noop_writer()
-
-    summary = {"steps": cfg.steps, "interrupted": False, "signal": None,
-               "resumed_from": resumed_from, "loss_history": [], "val_history": [],
-               "validation": None, "train_loss": None, "model_dir": None,
-               "replicas": replicas, "strategy": cfg.strategy, "mixed_precision": mixed,
-               "precision": precision,
-               "input_shape": list(shape), "workdir": os.path.abspath(cfg.workdir)}
-
-    # This run's history rows (cumulative steps), saved beside each checkpoint so a resumed run
-    # keeps them; merged with the warm start's history into the saved model's config.
-    run_rows = _read_run_rows(history_path, base_step + start_step) if latest else \
-        {"train": [], "validation": []}
-    run_started = time.time()
-
-    def run_record(step, completed):
-        return {"start_step": base_step, "end_step": base_step + step,
-                "init_from": init["from"] if init else None,
-                "changed_hparams": init["changed_hparams"] if init else {},
-                "hparams": _jsonable(hparams), "lr": cfg.lr, "batch_size": cfg.batch_size,
-                "precision": precision, "seed": cfg.seed, "strategy": cfg.strategy,
-                "replicas": replicas, "input_shape": list(shape), "data_dir": cfg.data_dir,
-                "train_subjects": len(train_ids), "completed": bool(completed),
-                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-
-    def save_history(step, completed=False):
-        if is_chief:
-            _write_json(history_path, {"run": run_record(step, completed), **run_rows})
-
-    def save_checkpoint(step):
-        step_var.assign(step)
-        try:
-            saved = manager.save(checkpoint_number=step)
-            save_history(step)
-            return saved
-        except (OSError, tf.errors.OpError) as err:
-            _remove_partial_checkpoint(os.path.join(save_dir, f"ckpt-{step}"))
-            reason = getattr(err, "message", None) or getattr(err, "strerror", None) or str(err)
-            raise OutputError(f"{save_dir}: cannot write the checkpoint of step {step} "
-                              f"({reason.splitlines()[0] if reason else type(err).__name__}); "
-                              f"the last complete checkpoint is "
-                              f"{tf.train.latest_checkpoint(save_dir) or 'none'}") from None
-
-    def run_validation(step):
-        metrics_, slices = validate(predict, val["images"], val["labels"], val["pairs"])
-        summary["validation"] = dict(metrics_, step=base_step + step)
-        summary["val_history"].append([step, metrics_])
-        if not run_rows["validation"] or run_rows["validation"][-1]["step"] != base_step + step:
-            run_rows["validation"].append(dict(metrics_, step=base_step + step))
-        with val_writer.as_default():
-            for key in ("loss", "dice_mean", "dice_before", "folding_percent", "folding_count"):
-                if key in metrics_:
-                    summary_scalar(key, metrics_[key], base_step + step)
-            for key, image in slices.items():
-                summary_image(f"slice/{key}", image, base_step + step)
-        val_writer.flush()
-        text = "  ".join(f"{k} {v:.4g}" for k, v in metrics_.items() if k != "pairs")
-        print(f"validation at step {base_step + step} ({metrics_['pairs']} pairs): {text}",
-              flush=True)
-
-    if resumed_from is not None:
-        print(f"resumed from {latest} at step {resumed_from}", flush=True)
-    elif init:
-        print(f"warm start from {init['from']} (trained {base_step} steps"
-              + (f"; changed hyper-parameters {init['changed_hparams']}"
-                 if init["changed_hparams"] else "") + ")", flush=True)
-    print(f"training {cfg.model} ({sum(int(np.prod(v.shape)) for v in model.trainable_variables)}"
-          f" parameters) for {cfg.steps} steps, global batch {cfg.batch_size} on {replicas} "
-          f"replica(s) ({cfg.strategy}), lr {cfg.lr}, {precision}, "
-          f"workdir {cfg.workdir}", flush=True)
-
-    step = start_step
-    last_saved = start_step if latest else None
-    pending = []  # (total, terms) tensors of the steps since the last log line
-    timer_step, timer_start = None, None
-    with _StopFlag() as stop:
-        # The starting point is validated once: a warm start's was, as the end of its run.
-        if val and start_step == 0 and start_step < cfg.steps and not init:
-            run_validation(0)
-        while step < cfg.steps and stop.signum is None:
-            try:
-                total, terms = train_step(next(batches))
-            except _COLLECTIVE_ERRORS(tf) as err:
-                if cfg.strategy != "multi_worker":
-                    raise
-                raise WorkerLostError(
-                    f"worker {task_id}: lost contact with the cluster at step {step + 1} "
-                    f"({type(err).__name__}: {_first_line(err)}); the last complete checkpoint "
-                    f"is {tf.train.latest_checkpoint(ckpt_dir) or 'none'}: restart every worker "
-                    "with the same command to resume from it") from None
-            step += 1
-            pending.append((total, terms))
-            if timer_start is None:  # the first step traces and compiles: time from its end
-                timer_step, timer_start = step, time.perf_counter()
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                mean_total = float(np.mean([float(t) for t, _ in pending]))
-                mean_terms = {k: float(np.mean([float(t[k]) for _, t in pending]))
-                              for k in pending[-1][1]}
-                pending = []
-                if not math.isfinite(mean_total) and not loss_scaling:
-                    raise FloatingPointError(f"the loss is {mean_total} at step {step}; last "
-                                             f"checkpoint: {manager.latest_checkpoint}")
-                elapsed = time.perf_counter() - timer_start
-                rate = (step - timer_step) / elapsed if step > timer_step else float("nan")
-                eta = _format_eta((cfg.steps - step) / rate) if rate > 0 else "?"
-                summary["loss_history"].append([step, mean_total])
-                summary["train_loss"] = mean_total
-                lr_now = _read(optimizer.learning_rate)
-                run_rows["train"].append([base_step + step, mean_total, lr_now, precision,
-                                          rate if math.isfinite(rate) else None])
-                with train_writer.as_default():
-                    cum = base_step + step
-                    summary_scalar("loss", mean_total, cum)
-                    for key, value in mean_terms.items():
-                        summary_scalar(f"loss/{key}", value, cum)
-                    summary_scalar("learning_rate", lr_now, cum)
-                    if math.isfinite(rate):
-                        summary_scalar("steps_per_second", rate, cum)
-                    if loss_scaling:
-                        summary_scalar("loss_scale", _read(optimizer.dynamic_scale), cum)
-                train_writer.flush()
-                print(f"step {step}/{cfg.steps}" + (f" (model step {base_step + step})"
-                                                     if base_step else "")
-                      + f"  loss {mean_total:.5f}  {rate:.3g} steps/s  ETA {eta}", flush=True)
-            if step % cfg.checkpoint_every == 0:
-                save_checkpoint(step)
-                last_saved = step
-            if val and step % cfg.val_every == 0 and step < cfg.steps:
-                run_validation(step)
-            if step_callback is not None:
-                step_callback(step)
-
-        if last_saved != step:
-            save_checkpoint(step)
-        summary["checkpoint"] = manager.latest_checkpoint
-        if stop.signum is not None:
-            summary["interrupted"], summary["signal"] = True, stop.name
-            print(f"stopped by {stop.name} at step {step}/{cfg.steps}; checkpoint "
-                  f"{manager.latest_checkpoint} saved; run the same command again to resume",
-                  flush=True)
-    if timer_start is not None and step > timer_step:
-        summary["seconds_per_step"] = (time.perf_counter() - timer_start) / (step - timer_step)
-    summary["step"] = step
-    if not summary["interrupted"]:
-        if val and (summary["validation"] is None or summary["validation"]["step"] != step):
-            run_validation(step)
-        if is_chief:
-            save_history(step, completed=True)
-            history = merge_history(init["history"] if init else None,
-                                    run_record(step, completed=True), run_rows)
-            extra = {"step": base_step + step, "cumulative_steps": base_step + step,
-                     "run_steps": step, "train_loss": summary["train_loss"],
-                     "validation": summary["validation"], "run_config": run_config,
-                     "history": history}
-            models.save(model, model_dir, extra=_jsonable(extra))
-            summary["model_dir"] = os.path.abspath(model_dir)
-            print(f"final model saved in {model_dir}", flush=True)
-    if not is_chief:  # the other workers' checkpoints are scratch copies
-        import shutil
-
-        shutil.rmtree(save_dir, ignore_errors=True)
-    train_writer.close()
-    val_writer.close()
-    return summary
+    return Trainer(config, step_callback).run()
 
 
 # ------------------------------------------------------------------------------------------------

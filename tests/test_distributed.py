@@ -286,7 +286,8 @@ def test_disk_full_while_checkpointing_keeps_the_last_complete_checkpoint(data_d
     assert "cannot write the checkpoint of step 4" in message and "No space left" in message
     assert message.endswith(f"the last complete checkpoint is {workdir / 'ckpt' / 'ckpt-2'}")
     assert sorted(os.listdir(workdir / "ckpt")) == [
-        "checkpoint", "ckpt-2.data-00000-of-00001", "ckpt-2.index", "config.json"]
+        "checkpoint", "ckpt-2.data-00000-of-00001", "ckpt-2.index", "config.json",
+        "history.json"]
     assert not (workdir / "model").exists()
 
     monkeypatch.setattr(tf.train.Checkpoint, "_write", real_write)
