@@ -155,10 +155,13 @@ def test_kill_9_then_rerun_resumes_at_the_last_checkpoint(data_dir, tmp_path):
                                val_every=100000))
     full_losses = dict(full["loss_history"])
     first_losses = _losses(first)
+    # abs 1e-4: the losses are printed to 5 decimals, and oneDNN's kernels (on by default,
+    # mdregnet/__init__.py) round differently in another process; the same steps on other pairs
+    # differ by about 1e-2.
     for step in range(1, killed_at + 1):
-        assert first_losses[step] == pytest.approx(full_losses[step], abs=2e-5), step
+        assert first_losses[step] == pytest.approx(full_losses[step], abs=1e-4), step
     for step in resumed:
-        assert resumed[step] == pytest.approx(full_losses[step], abs=2e-5), step
+        assert resumed[step] == pytest.approx(full_losses[step], abs=1e-4), step
     _assert_same_state(str(workdir / "ckpt" / f"ckpt-{steps}"),
                        str(tmp_path / "full" / "ckpt" / f"ckpt-{steps}"), rtol=1e-6)
 
