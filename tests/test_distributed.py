@@ -195,7 +195,7 @@ def test_two_workers_match_one_process_and_survive_a_lost_worker(data_dir, tmp_p
     # the checkpoints is gone.
     assert sorted(os.listdir(workdir / "ckpt")) == [
         "checkpoint", "ckpt-2.data-00000-of-00001", "ckpt-2.index",
-        "ckpt-4.data-00000-of-00001", "ckpt-4.index", "config.json"]
+        "ckpt-4.data-00000-of-00001", "ckpt-4.index", "config.json", "history.json"]
     assert (workdir / "model" / "model.weights.h5").exists()
     assert "final model saved" in results[0][1] and "final model saved" not in results[1][1]
 
