@@ -305,6 +305,9 @@ def pair_dataset(images, batch_size=1, seed=0, shuffle=True, repeat=True, start=
     batch_size = int(batch_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    start = int(start)
+    if start < 0:
+        raise ValueError(f"start must be >= 0, got {start}")
     n_pairs = shape[0] ** 2
     if not repeat and n_pairs < batch_size:
         raise ValueError(f"{shape[0]} images give {n_pairs} pairs, fewer than batch_size="
@@ -322,10 +325,8 @@ def pair_dataset(images, batch_size=1, seed=0, shuffle=True, repeat=True, start=
 
     epochs = tf.data.Dataset.counter() if repeat else tf.data.Dataset.range(1)
     ds = epochs.flat_map(epoch_pairs).batch(batch_size, drop_remainder=True)
-    if int(start) < 0:
-        raise ValueError(f"start must be >= 0, got {start}")
-    if int(start):
-        ds = ds.skip(int(start))
+    if start:
+        ds = ds.skip(start)
 
     out_shape = (batch_size,) + shape[1:] + (1,)
 

@@ -369,11 +369,6 @@ def resolve_precision(mode):
     return PRECISION_POLICIES[mode]
 
 
-def use_mixed_precision(mode):
-    """Whether `mode` (see `resolve_precision`) trains in a mixed precision."""
-    return resolve_precision(mode) != "float32"
-
-
 def _worker(strategy):
     """`(is_chief, task_id)` of this process (always chief unless multi-worker)."""
     resolver = getattr(strategy, "cluster_resolver", None)

@@ -399,11 +399,7 @@ def load(directory, input_shape=None):
     directory = os.fspath(directory)
     config = read_config(directory)
     config_path = os.path.join(directory, CONFIG_FILE)
-    weights = os.path.join(directory, WEIGHTS_FILE)
-    if not os.path.exists(weights):
-        raise MissingFileError(f"{weights}: no such file")
-    if not os.path.isfile(weights):
-        raise InvalidInputError(f"{weights}: not a regular file")
+    _weights_file(directory)  # fails before the model is built
     try:
         model = build(config["name"], input_shape or config["input_shape"], **config["hparams"])
     except (TypeError, ValueError, KeyError, IndexError) as err:
@@ -414,6 +410,17 @@ def load(directory, input_shape=None):
     if "extra" in config:
         model.mdregnet_config["extra"] = config["extra"]
     return model
+
+
+def _weights_file(directory):
+    """The path of the weights file of model directory `directory`; MissingFileError if there is
+    none, InvalidInputError if it is not a regular file."""
+    weights = os.path.join(os.fspath(directory), WEIGHTS_FILE)
+    if not os.path.exists(weights):
+        raise MissingFileError(f"{weights}: no such file")
+    if not os.path.isfile(weights):
+        raise InvalidInputError(f"{weights}: not a regular file")
+    return weights
 
 
 def load_weights(model, directory):
@@ -434,11 +441,7 @@ def load_weights(model, directory):
             shape is named), not a readable HDF5 file, or holding NaN/Inf; the message starts
             with the weights file.
     """
-    weights = os.path.join(os.fspath(directory), WEIGHTS_FILE)
-    if not os.path.exists(weights):
-        raise MissingFileError(f"{weights}: no such file")
-    if not os.path.isfile(weights):
-        raise InvalidInputError(f"{weights}: not a regular file")
+    weights = _weights_file(directory)
     name = getattr(model, "mdregnet_config", {}).get("name", "this")
     try:
         stored = _weight_shapes(weights)
