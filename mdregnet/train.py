@@ -124,7 +124,9 @@ def define_flags(flag_values=FLAGS):
                         "int_downsize, ...) may differ and are recorded. The run continues the "
                         "model's step count, pair stream and training history.", **fv)
     flags.DEFINE_boolean("deterministic", False, "Enable TensorFlow's op determinism (bitwise "
-                         "reproducible runs and resumptions, somewhat slower on GPUs).", **fv)
+                         "reproducible runs and resumptions, somewhat slower on GPUs; on a CPU "
+                         "also set TF_ENABLE_ONEDNN_OPTS=0, whose oneDNN kernels round "
+                         "differently under another load).", **fv)
     # Outputs and schedule
     flags.DEFINE_string("workdir", None, "Run directory: ckpt/, logs/, model/.", **fv)
     if "log_dir" not in flag_values:  # absl.logging defines it (for its log files): share it
